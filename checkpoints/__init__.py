@@ -1,0 +1,1 @@
+"""Checkpoint readers and writers: HF safetensors in, Orbax out (`moejax.checkpoints`)."""

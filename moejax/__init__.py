@@ -1,0 +1,1 @@
+"""moejax: Mixture-of-Experts inference in JAX."""
