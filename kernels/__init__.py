@@ -8,6 +8,13 @@ from moejax.kernels.experts import Activation, ExpertWeights, experts_reference,
 from moejax.kernels.routing import RoutingConfig, grouped_topk, route_reference
 
 
+def matmul(x, w):
+    """x [..., K] @ w [K, N] with float32 accumulation; returns x's dtype. Accepts quantized weights."""
+    import jax.numpy as jnp
+
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def route(router_logits, config: RoutingConfig, correction_bias=None):
     """Router logits [T, E] -> (weights float32 [T, k], ids int32 [T, k])."""
     return route_reference(router_logits, config, correction_bias)
@@ -26,6 +33,7 @@ __all__ = [
     "experts_reference",
     "gated_activation",
     "grouped_topk",
+    "matmul",
     "route",
     "route_reference",
 ]
