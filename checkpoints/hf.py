@@ -1,0 +1,82 @@
+"""Fill an abstract moejax model from a Hugging Face safetensors checkpoint, tensor by tensor.
+
+Each parameter is read from the memory-mapped files, brought to moejax's layout and dtype, and placed on its
+devices in its final sharding before the next one is read, so the host never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.checkpoints.hf_names import hf_source, ignored
+from moejax.checkpoints.safetensors import CheckpointError, SafetensorsReader
+from moejax.config import ModelConfig
+
+# (path, host array in moejax layout) -> the value to store (an array or a quantized weight).
+Transform = Callable[[tuple, np.ndarray], object]
+
+
+def _key(entry) -> object:
+    return entry.key if hasattr(entry, "key") else getattr(entry, "idx", entry)
+
+
+def flat_params(state: nnx.State) -> list[tuple[tuple, nnx.Variable]]:
+    """(path, variable) for every parameter, paths as plain tuples like ("layers", 0, "attn", "q_proj", "kernel")."""
+    return [(tuple(_key(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def load_hf_state(
+    directory: str,
+    config: ModelConfig,
+    abstract_state: nnx.State,
+    *,
+    sharding_for: Callable[[tuple, nnx.Variable], jax.sharding.Sharding],
+    transform: Transform | None = None,
+    progress: bool = False,
+) -> nnx.State:
+    """Return `abstract_state` with every parameter read from `directory` and placed on its devices."""
+    reader = SafetensorsReader(directory)
+    names = set(reader.names())
+    used: set[str] = set()
+    entries = flat_params(abstract_state)
+    iterator = entries
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(entries, desc="loading", unit="tensor", leave=False)
+    filled = []
+    for path, var in iterator:
+        try:
+            source = hf_source(config, path, names)
+        except KeyError:
+            raise CheckpointError(f"moejax parameter {'.'.join(map(str, path))} has no checkpoint mapping") from None
+        used.update(source.names)
+        for name in source.names:
+            reader.info(name)  # a missing tensor fails here, naming it
+        host = source.load(reader)
+        expected = var.get_value().shape
+        if tuple(host.shape) != tuple(expected):
+            raise CheckpointError(
+                f"{directory}: tensor {source.names[0]!r} has shape {list(host.shape)}; "
+                f"the config implies {list(expected)} for {'.'.join(map(str, path))}")
+        dtype = var.get_value().dtype
+        host = np.asarray(host).astype(dtype, copy=False)
+        value = transform(path, host) if transform is not None else host
+        var = var.replace(jax.tree.map(lambda a: _place(a, sharding_for(path, var)), value))
+        filled.append((path, var))
+        del host, value
+    unused = sorted(n for n in names - used if not ignored(config, n))
+    if unused:
+        raise CheckpointError(f"{directory}: checkpoint tensors not used by the {config.family} model: "
+                              f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
+    return nnx.from_flat_state(filled)
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    """Put `host` on the devices of `sharding`, each device receiving only its shard."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index]))

@@ -1,0 +1,124 @@
+"""Where each moejax parameter lives in a Hugging Face checkpoint, and how to bring it to moejax's layout.
+
+moejax keeps linear weights input-major ([in, out]) and routed experts stacked ([E, in, out]); HF stores
+[out, in] per expert (Hub layout) or fused [E, 2I, H] / [E, H, I] (transformers-5 layout). Each parameter path
+maps to a `Source` that reads its tensors from a reader and returns the array in moejax's layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from moejax.config import ModelConfig
+
+Path = tuple  # e.g. ("layers", 0, "attn", "q_proj", "kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The HF tensors behind one parameter and the function that assembles them."""
+
+    names: tuple[str, ...]
+    assemble: Callable[[list[np.ndarray]], np.ndarray]
+
+    def load(self, reader) -> np.ndarray:
+        return self.assemble([reader.get(n) for n in self.names])
+
+
+def tensor(name: str, transpose: bool = False) -> Source:
+    return Source((name,), lambda a: a[0].T if transpose else a[0])
+
+
+def stacked(names: list[str], transpose: bool = True) -> Source:
+    """Per-expert [out, in] tensors -> one [E, in, out] array."""
+    return Source(tuple(names), lambda a: np.stack([x.T if transpose else x for x in a]))
+
+
+def fused_gate_up(name: str, part: int) -> Source:
+    """transformers-5 gate_up_proj [E, 2I, H] -> gate (part 0) or up (part 1) as [E, H, I]."""
+
+    def assemble(a):
+        width = a[0].shape[1] // 2
+        return np.swapaxes(a[0][:, part * width : (part + 1) * width, :], 1, 2)
+
+    return Source((name,), assemble)
+
+
+def fused_down(name: str) -> Source:
+    """transformers-5 down_proj [E, H, I] -> [E, I, H]."""
+    return Source((name,), lambda a: np.swapaxes(a[0], 1, 2))
+
+
+def _linear(prefix: str, path: Path, leaf: str) -> Source:
+    return tensor(f"{prefix}.weight", transpose=True) if leaf == "kernel" else tensor(f"{prefix}.bias")
+
+
+def hf_source(config: ModelConfig, path: Path, names: set[str]) -> Source:
+    """The Source of parameter `path`, given the tensor names present in the checkpoint."""
+    top, leaf = path[0], path[-1]
+    if top == "embed":
+        return tensor("model.embed_tokens.weight")
+    if top == "norm":
+        return tensor("model.norm.weight")
+    if top == "lm_head":
+        return tensor("lm_head.weight", transpose=True)
+    if top != "layers":
+        raise KeyError(path)
+    layer = path[1]
+    p = f"model.layers.{layer}"
+    part = path[2]
+    if part == "input_norm":
+        return tensor(f"{p}.input_layernorm.weight")
+    if part == "post_attn_norm":
+        return tensor(f"{p}.post_attention_layernorm.weight")
+    if part == "attn":
+        module = path[3]
+        if module in ("q_norm", "k_norm"):
+            return tensor(f"{p}.self_attn.{module}.weight")
+        if module == "sinks":
+            return tensor(f"{p}.self_attn.sinks")
+        return _linear(f"{p}.self_attn.{module}", path, leaf)
+    if part == "mlp":
+        return _linear(f"{p}.mlp.{path[3]}", path, leaf)
+    if part == "moe":
+        return _moe_source(config, p, path[3:], names)
+    raise KeyError(path)
+
+
+def _moe_source(config: ModelConfig, p: str, rest: tuple, names: set[str]) -> Source:
+    mixtral_hub = config.family == "mixtral" and f"{p}.block_sparse_moe.gate.weight" in names
+    block = f"{p}.block_sparse_moe" if mixtral_hub else f"{p}.mlp"
+    what = rest[0]
+    if what == "router":
+        router = f"{block}.router" if config.family == "gpt_oss" else f"{block}.gate"
+        return _linear(router, rest, rest[-1])
+    if what == "correction_bias":
+        return tensor(f"{block}.gate.e_score_correction_bias")
+    if what == "shared":
+        shared = f"{block}.shared_experts" if config.family == "deepseek_v3" else f"{block}.shared_expert"
+        return _linear(f"{shared}.{rest[1]}", rest, rest[-1])
+    if what == "shared_gate":
+        return tensor(f"{block}.shared_expert_gate.weight", transpose=True)
+    experts = f"{block}.experts"
+    num = config.num_experts
+    if what in ("w_gate", "w_up", "w_down"):
+        if f"{experts}.gate_up_proj" in names:
+            if what == "w_down":
+                return fused_down(f"{experts}.down_proj")
+            return fused_gate_up(f"{experts}.gate_up_proj", 0 if what == "w_gate" else 1)
+        hub = {"w_gate": "w1", "w_up": "w3", "w_down": "w2"} if mixtral_hub else \
+              {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+        return stacked([f"{experts}.{e}.{hub[what]}.weight" for e in range(num)])
+    raise KeyError(rest)
+
+
+def ignored(config: ModelConfig, name: str) -> bool:
+    """Checkpoint tensors moejax deliberately does not load (MTP layers, cached rotary tables)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    if config.num_mtp_layers and name.startswith("model.layers."):
+        return int(name.split(".")[2]) >= config.num_layers
+    return False

@@ -1,0 +1,107 @@
+"""SamplingParams (validated where they enter) and the on-device sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """vLLM-compatible sampling parameters. temperature 0 is greedy; top_k 0 or -1 is off."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int | None = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is None or self.top_k == -1:
+            self.top_k = 0
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be -1, 0 or positive, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+MAX_LOGPROBS = 20
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling settings as device arrays [batch]."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    min_p: jax.Array
+    seed: jax.Array  # uint32 per request
+    step: jax.Array  # tokens generated so far: each step's key is fold_in(seed, step)
+
+    @staticmethod
+    def build(params: list[SamplingParams], seeds: list[int], steps: list[int], batch_size: int) -> "SamplingBatch":
+        pad = batch_size - len(params)
+        fill = lambda xs, v, dt: np.asarray(list(xs) + [v] * pad, dt)  # noqa: E731
+        return SamplingBatch(
+            temperature=fill((p.temperature for p in params), 0.0, np.float32),
+            top_p=fill((p.top_p for p in params), 1.0, np.float32),
+            top_k=fill((p.top_k for p in params), 0, np.int32),
+            min_p=fill((p.min_p for p in params), 0.0, np.float32),
+            seed=fill((s & 0xFFFFFFFF for s in seeds), 0, np.uint32),
+            step=fill(steps, 0, np.int32),
+        )
+
+
+def sample(logits_BV: jax.Array, batch: SamplingBatch, num_logprobs: int = 0):
+    """Returns (tokens [B], logprob of each token [B], top logprobs ([B, n], ids [B, n]) or None)."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    greedy = jnp.argmax(logits_BV, axis=-1)
+
+    scaled = logits_BV / jnp.maximum(batch.temperature, 1e-6)[:, None]
+    # One descending sort serves top-k and top-p.
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    vocab = scaled.shape[-1]
+    k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+    cum = jnp.cumsum(probs_sorted, axis=-1)
+    # Smallest prefix whose mass reaches top_p: keep entries whose preceding mass is < top_p.
+    keep_sorted = (cum - probs_sorted) < batch.top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, cutoff)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    min_p_floor = batch.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    masked = jnp.where((scaled >= threshold) & (probs >= min_p_floor), scaled, -jnp.inf)
+
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(batch.seed, batch.step)
+    sampled = jax.vmap(jax.random.categorical)(keys, masked)
+    tokens = jnp.where(batch.temperature == 0, greedy, sampled).astype(jnp.int32)
+    token_logprobs = jnp.take_along_axis(logprobs_BV, tokens[:, None], axis=-1)[:, 0]
+    top = jax.lax.top_k(logprobs_BV, num_logprobs) if num_logprobs else None
+    return tokens, token_logprobs, top

@@ -1,0 +1,93 @@
+"""Grouped-query attention for the GQA families (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.engine import cache as kv
+from moejax.layers.linear import Linear, param
+from moejax.layers.norms import RMSNorm
+from moejax.layers.rope import apply_rope
+
+MASKED = -1e30
+
+
+def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None) -> jax.Array:
+    """[batch, T, S]: causal by position, padding (-1) excluded, optionally a sliding window."""
+    q = q_pos_BT[:, :, None]
+    k = k_pos_BS[:, None, :]
+    mask = (k <= q) & (k >= 0) & (q >= 0)
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask
+
+
+def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale: float, sinks_H: jax.Array | None = None) -> jax.Array:
+    """Softmax attention in float32 with kv heads shared by groups of query heads; returns [B, T, H, Dv]."""
+    b, t, h, d = q_BTHD.shape
+    kvh = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_BTS[:, None, None], scores, MASKED)
+    if sinks_H is not None:
+        # One learned extra logit per head joins the softmax and is dropped after it.
+        sink = jnp.broadcast_to(sinks_H.astype(jnp.float32).reshape(1, kvh, h // kvh, 1, 1), (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, v_BSKD.shape[-1]).astype(q_BTHD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs | None = None):
+        c = config
+        self.config = c
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = Linear(c.hidden_size, q_width, ("embed", "q_heads"), bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, kv_width, ("embed", "kv_heads"), bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, kv_width, ("embed", "kv_heads"), bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(q_width, c.hidden_size, ("q_heads", "embed"), bias=c.o_bias, dtype=dtype, rngs=rngs)
+        if c.qk_norm == "head":
+            self.q_norm = RMSNorm(c.head_dim, ("head_dim",), eps=c.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(c.head_dim, ("head_dim",), eps=c.rms_norm_eps, dtype=dtype)
+        elif c.qk_norm == "full":
+            self.q_norm = RMSNorm(q_width, ("q_heads",), eps=c.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(kv_width, ("kv_heads",), eps=c.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.sinks = param((c.num_heads,), dtype, ("heads",), init="zeros") if c.attention_sinks else None
+
+    def __call__(self, x_BTD, positions_BT, cache_kv=None, window: int | None = None):
+        """Returns (output [B, T, D], updated (k, v) cache buffers or None)."""
+        c = self.config
+        b, t, _ = x_BTD.shape
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.clip_qkv is not None:
+            q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+        # [batch, seq, heads, head_dim]
+        q_BTHD = q.reshape(b, t, c.num_heads, c.head_dim)
+        k_BTKD = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v_BTKD = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+        q_BTHD = apply_rope(q_BTHD, positions_BT, c.rope)
+        k_BTKD = apply_rope(k_BTKD, positions_BT, c.rope)
+
+        if cache_kv is None:
+            keys, values, k_pos_BS, new_cache = k_BTKD, v_BTKD, positions_BT, None
+        else:
+            k_cache, v_cache = cache_kv
+            keys = kv.write(k_cache, k_BTKD, positions_BT)
+            values = kv.write(v_cache, v_BTKD, positions_BT)
+            k_pos_BS = jnp.broadcast_to(jnp.arange(keys.shape[1])[None, :], (b, keys.shape[1]))
+            new_cache = (keys, values)
+        mask = attention_mask(positions_BT, k_pos_BS, window)
+        sinks = self.sinks[...] if self.sinks is not None else None
+        out_BTHD = attend(q_BTHD, keys.astype(q_BTHD.dtype), values.astype(q_BTHD.dtype), mask, c.softmax_scale, sinks)
+        return self.o_proj(out_BTHD.reshape(b, t, -1)), new_cache

@@ -1,0 +1,74 @@
+"""The MoE block: router, routed experts (stacked [E, ...] weights) and optional shared experts.
+
+Routing and the expert computation go through `moejax.kernels.route` / `experts` only, so the backend
+(Pallas or pure JAX, sharded or not) never shows here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import kernels
+from moejax.config import ModelConfig
+from moejax.layers.linear import Linear, param
+from moejax.layers.mlp import MLP
+
+
+def routing_config(config: ModelConfig) -> kernels.RoutingConfig:
+    return kernels.RoutingConfig(
+        top_k=config.num_experts_per_tok,
+        scoring_func=config.scoring_func,
+        renormalize=config.norm_topk_prob,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        routed_scaling_factor=config.routed_scaling_factor,
+    )
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs | None = None):
+        c = config
+        self.config = c
+        e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        self.router = Linear(d, e, ("embed", "router"), bias=c.router_bias, dtype=dtype, rngs=rngs)
+        self.correction_bias = (
+            param((e,), jnp.float32, ("router",), init="zeros") if c.correction_bias else None
+        )
+        self.w_gate = param((e, d, f), dtype, ("experts", "embed", "expert_mlp"), rngs)
+        self.w_up = param((e, d, f), dtype, ("experts", "embed", "expert_mlp"), rngs)
+        self.w_down = param((e, f, d), dtype, ("experts", "expert_mlp", "embed"), rngs)
+        if c.expert_bias:
+            self.b_gate = param((e, f), dtype, ("experts", "expert_mlp"), init="zeros")
+            self.b_up = param((e, f), dtype, ("experts", "expert_mlp"), init="zeros")
+            self.b_down = param((e, d), dtype, ("experts", "embed"), init="zeros")
+        else:
+            self.b_gate = self.b_up = self.b_down = None
+        self.shared = MLP(d, c.shared_expert_intermediate_size, dtype=dtype, rngs=rngs) \
+            if c.shared_expert_intermediate_size else None
+        self.shared_gate = Linear(d, 1, ("embed", None), dtype=dtype, rngs=rngs) if c.shared_expert_gate else None
+        self.activation = kernels.Activation("gpt_oss", c.swiglu_limit) if c.swiglu_limit is not None \
+            else kernels.Activation("silu")
+
+    def expert_weights(self) -> kernels.ExpertWeights:
+        value = lambda p: None if p is None else p.get_value()  # noqa: E731
+        return kernels.ExpertWeights(
+            value(self.w_gate), value(self.w_up), value(self.w_down),
+            value(self.b_gate), value(self.b_up), value(self.b_down),
+        )
+
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns (output [B, T, D], router logits [B*T, E])."""
+        b, t, d = x_BTD.shape
+        x_TD = x_BTD.reshape(b * t, d)
+        logits_TE = self.router(x_TD)
+        bias = self.correction_bias[...] if self.correction_bias is not None else None
+        weights_TK, ids_TK = kernels.route(logits_TE, routing_config(self.config), bias)
+        y_TD = kernels.experts(x_TD, weights_TK, ids_TK, self.expert_weights(), self.activation)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = jax.nn.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return y_TD.reshape(b, t, d), logits_TE

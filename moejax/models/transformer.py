@@ -1,0 +1,71 @@
+"""The decoder-only MoE transformer shared by the GQA families (Mixtral, Qwen2/3-MoE, OLMoE)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.engine.cache import KVCache
+from moejax.layers.attention import Attention
+from moejax.layers.linear import Embed, Linear
+from moejax.layers.mlp import MLP
+from moejax.layers.moe import MoEBlock
+from moejax.layers.norms import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs | None = None):
+        self.window = config.window(layer)
+        self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        if config.moe_layers[layer]:
+            self.moe, self.mlp = MoEBlock(config, dtype=dtype, rngs=rngs), None
+        else:
+            self.moe, self.mlp = None, MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, cache_kv=None):
+        attn_out, cache_kv = self.attn(self.input_norm(x_BTD), positions_BT, cache_kv, self.window)
+        x_BTD = x_BTD + attn_out
+        h = self.post_attn_norm(x_BTD)
+        if self.moe is not None:
+            mlp_out, router_logits = self.moe(h)
+        else:
+            mlp_out, router_logits = self.mlp(h), None
+        return x_BTD + mlp_out, cache_kv, router_logits
+
+
+class MoETransformer(nnx.Module):
+    """tokens [B, T] and positions [B, T] -> hidden states; `logits` applies the final norm and lm_head."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.config = config
+        self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, rngs=rngs) for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None):
+        """Returns (hidden [B, T, D] before the final norm, new cache or None, router logits per MoE layer)."""
+        x = self.embed(tokens_BT)
+        new_k, new_v, router_logits = [], [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_cache, logits = layer(x, positions_BT, layer_cache)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+            if logits is not None:
+                router_logits.append(logits)
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+        return x, new_cache, router_logits
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and lm_head in float32: [..., D] -> [..., vocab]."""
+        h = self.norm(hidden)
+        if self.lm_head is None:
+            return self.embed.attend(h).astype(jnp.float32)
+        return jnp.matmul(h, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
