@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random Hugging Face models written with save_pretrained, for every family."""
+
+from __future__ import annotations
+
+import os
+
+# Eight virtual CPU devices for the sharding tests; must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from tests.hf_models import FAMILIES, make_hf_model  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """hf_model_dir(family, **options) -> directory of a saved tiny transformers model (cached per options)."""
+    cache: dict = {}
+
+    def make(family: str, **options) -> str:
+        key = (family, tuple(sorted(options.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"hf_{family}")
+            cache[key] = make_hf_model(family, str(path), **options)
+        return cache[key]
+
+    return make

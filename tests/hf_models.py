@@ -1,0 +1,92 @@
+"""Tiny random transformers models per family, saved in HF format; transformers is the numerical oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def hf_config(family: str, **overrides):
+    import transformers as tf
+
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
+                               rope_theta=10000.0)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=32, num_experts=8,
+                                num_experts_per_tok=2, shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                                norm_topk_prob=False)
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**COMMON, head_dim=24, intermediate_size=80, moe_intermediate_size=32,
+                                num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2)
+    elif family == "olmoe":
+        cfg = tf.OlmoeConfig(**COMMON, intermediate_size=40, num_experts=8, num_experts_per_tok=2,
+                             eos_token_id=50279, pad_token_id=1)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_hf_model(family: str, path: str, *, fused: bool = False, hub_keys: bool = False, seed: int = 0,
+                  dtype: str = "float32", **overrides) -> str:
+    """Build a random model, save it to `path`, return `path`.
+
+    fused: transformers-5 fused expert layout instead of the per-expert Hub layout.
+    hub_keys: rewrite config.json with Hub-style keys (torch_dtype, rope_theta) instead of transformers-5 ones.
+    """
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_config(family, **overrides))
+    # Random init of norms is all ones; perturb every parameter so that layouts and norms are really tested.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(path, save_original_format=not fused)
+    if hub_keys:
+        config_path = os.path.join(path, "config.json")
+        with open(config_path) as f:
+            cfg = json.load(f)
+        rope = cfg.pop("rope_parameters", None) or {}
+        cfg["rope_theta"] = rope.get("rope_theta", 10000.0)
+        cfg["rope_scaling"] = None
+        cfg["torch_dtype"] = cfg.pop("dtype", dtype)
+        with open(config_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    return path
+
+
+def load_hf(path: str, dtype: str = "float32"):
+    import torch
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz .,!?'\n")
+
+
+def save_char_tokenizer(path: str, eos: str = "<eos>") -> dict:
+    """A character-level tokenizer.json (ids < 40) with a chat template, for tests that need text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, eos: 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([eos])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": eos, "chat_template": template}, f)
+    return vocab
