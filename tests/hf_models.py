@@ -51,7 +51,7 @@ def make_hf_model(family: str, path: str, *, fused: bool = False, hub_keys: bool
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model = model.to(getattr(torch, dtype))
-    model.save_pretrained(path, save_original_format=not fused)
+    model.save_pretrained(path, **({"save_original_format": False} if fused else {}))
     if hub_keys:
         config_path = os.path.join(path, "config.json")
         with open(config_path) as f:
