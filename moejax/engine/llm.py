@@ -83,7 +83,7 @@ class LLM:
             return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), var.get_value().shape)
 
         state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer())
-        self.runner = ModelRunner(graphdef, state)
+        self.runner = ModelRunner(graphdef, state, "highest" if self.dtype == jnp.float32 else None)
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
         self.eos_token_ids = set(c.eos_token_ids) | _generation_eos(model)
 

@@ -26,9 +26,11 @@ def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
 
 
 class ModelRunner:
-    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State):
+    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, matmul_precision: str | None = None):
+        """matmul_precision: "highest" keeps float32 models in true float32 on GPUs that default to TF32."""
         self.graphdef = graphdef
         self.state = state
+        self.matmul_precision = matmul_precision
         graph = graphdef
 
         @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=("num_logprobs",))
@@ -52,10 +54,12 @@ class ModelRunner:
         self.forward_logits_fn = forward_logits
 
     def step(self, tokens_BT, positions_BT, last_B, cache, sampling, num_logprobs=0):
-        return self.step_fn(self.state, tokens_BT, positions_BT, last_B, cache, sampling, num_logprobs)
+        with jax.default_matmul_precision(self.matmul_precision):
+            return self.step_fn(self.state, tokens_BT, positions_BT, last_B, cache, sampling, num_logprobs)
 
     def forward_logits(self, tokens_BT, positions_BT):
-        return self.forward_logits_fn(self.state, tokens_BT, positions_BT)
+        with jax.default_matmul_precision(self.matmul_precision):
+            return self.forward_logits_fn(self.state, tokens_BT, positions_BT)
 
     def compilations(self) -> int:
         """Number of compiled variants of the step function so far (tests use it to catch recompiles)."""
