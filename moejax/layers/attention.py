@@ -25,8 +25,24 @@ def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None)
     return mask
 
 
+QUERY_CHUNK = 512  # long prefills attend in query blocks so scores stay [chunk, S], not [T, S]
+
+
 def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale: float, sinks_H: jax.Array | None = None) -> jax.Array:
     """Softmax attention in float32 with kv heads shared by groups of query heads; returns [B, T, H, Dv]."""
+    b, t, h, d = q_BTHD.shape
+    if t > QUERY_CHUNK and t % QUERY_CHUNK == 0:
+        n = t // QUERY_CHUNK
+        # [chunks, batch, chunk, ...]
+        q_chunks = q_BTHD.reshape(b, n, QUERY_CHUNK, h, d).swapaxes(0, 1)
+        mask_chunks = mask_BTS.reshape(b, n, QUERY_CHUNK, -1).swapaxes(0, 1)
+        out = jax.lax.map(lambda qm: _attend_block(qm[0], k_BSKD, v_BSKD, qm[1], scale, sinks_H),
+                          (q_chunks, mask_chunks))
+        return out.swapaxes(0, 1).reshape(b, t, h, v_BSKD.shape[-1])
+    return _attend_block(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale, sinks_H)
+
+
+def _attend_block(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale, sinks_H):
     b, t, h, d = q_BTHD.shape
     kvh = k_BSKD.shape[2]
     q_BTKGD = q_BTHD.reshape(b, t, kvh, h // kvh, d)
