@@ -1,0 +1,91 @@
+"""`moejax plan MODEL_OR_CONFIG`: will it fit, and if not, what is the smallest change that makes it fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from moejax.config import ModelConfig
+from moejax.plan.memory import GIB, KINDS, Mesh, MemoryPlan, plan_memory
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_OR_CONFIG", help="model directory or a config.json file")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--dp", type=int, default=1, help="data parallel size")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | fp8 (block-scaled)")
+    p.add_argument("--quantization", default=None, help="int8 | int4 (weight-only)")
+    p.add_argument("--offload-experts", action="store_true", help="keep routed experts in host memory")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per device (default 80)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    for name in ("tp", "ep", "dp", "max_num_seqs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.gpu_memory <= 0:
+        raise ValueError(f"--gpu-memory must be positive, got {args.gpu_memory}")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ValueError(f"--max-model-len must be positive, got {args.max_model_len}")
+    if not os.path.exists(args.model):
+        raise ValueError(f"MODEL_OR_CONFIG: {args.model} does not exist")
+    config = ModelConfig.from_file(args.model)
+    plan = plan_memory(config, mesh=Mesh(args.tp, args.ep, args.dp), dtype=args.dtype,
+                       quantization=args.quantization, offload_experts=args.offload_experts,
+                       device_memory_bytes=int(args.gpu_memory * GIB),
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_num_seqs, model=os.path.basename(os.path.normpath(args.model)))
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:8.2f} GB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    m, p = plan.mesh, plan.params
+    lines = [
+        f"model {plan.model}: {p.total / 1e9:.2f}B parameters, {p.active / 1e9:.2f}B active per token "
+        f"({p.active_without_embeddings / 1e9:.2f}B without the embedding table)",
+        f"mesh tp={m.tp} ep={m.ep} dp={m.dp} ({m.devices} devices), weights {plan.dtype}"
+        + (f", quantization {plan.quantization}" if plan.quantization else "")
+        + (", routed experts offloaded to host" if plan.offload_experts else ""),
+        "",
+        f"{'kind':<16}{'parameters':>16}{'bytes per device':>20}",
+    ]
+    for kind in KINDS:
+        if p.by_kind[kind]:
+            lines.append(f"{kind:<16}{p.by_kind[kind] / 1e9:>15.3f}B{_gb(plan.weight_bytes_by_kind[kind]):>20}")
+    budget = plan.device_memory_bytes * plan.gpu_memory_utilization
+    lines += [
+        "",
+        f"weights per device       {_gb(plan.weight_bytes_per_device)}",
+        f"weights in host memory   {_gb(plan.host_weight_bytes)}",
+        f"workspace reserve        {_gb(plan.workspace_bytes)}",
+        f"device budget            {_gb(int(budget))}  ({plan.gpu_memory_utilization:.0%} of "
+        f"{plan.device_memory_bytes / GIB:.0f} GiB)",
+        f"KV cache per device      {_gb(plan.kv_cache_bytes)}  ({plan.kv_bytes_per_token:,} bytes per token)",
+        f"KV cache size: {plan.kv_cache_tokens:,} tokens",
+        f"Maximum concurrency for {plan.max_model_len:,} tokens per request: {plan.max_concurrency:.2f}x",
+        "",
+        "verdict: fits" if plan.fits else "verdict: does NOT fit"
+        + (f"; smallest change that fits: {plan.suggestion}" if plan.suggestion else "; no single change fits"),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from moejax.cli import main
+
+    sys.exit(main(["plan", *sys.argv[1:]]))

@@ -1,0 +1,228 @@
+"""The memory model: bytes per device for weights and KV cache on a (data, expert, tensor) mesh.
+
+The engine sizes its KV cache with `plan_memory` and tests compare every number here with what the engine
+really allocates, so this is the one source of truth for "does it fit".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from moejax.config import ModelConfig
+from moejax.plan.params import KINDS, ParamCounts, TensorSpec, count_params, inventory
+from moejax.sharding.rules import DATA, EXPERT, TENSOR, logical_to_spec
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+QUANTIZATIONS = (None, "int8", "int4")
+INT4_GROUP = 128
+WORKSPACE_TOKENS = 8192  # the largest prefill the workspace reserve is sized for
+ATTENTION_QUERY_BLOCK = 512  # moejax.layers.attention.QUERY_CHUNK
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    tp: int = 1
+    ep: int = 1
+    dp: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.ep * self.dp
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {DATA: self.dp, EXPERT: self.ep, TENSOR: self.tp}
+
+
+def int4_group_size(k: int, group: int = INT4_GROUP) -> int:
+    return group if k % group == 0 else k
+
+
+def stored_arrays(t: TensorSpec, dtype: str, quantization: str | None) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, bytes per element) of each array moejax stores for tensor `t`."""
+    elem = 4 if t.float32 else DTYPE_BYTES[dtype]
+    if not t.quantizable:
+        return [(t.shape, 4 if t.float32 else DTYPE_BYTES["bfloat16" if dtype == "fp8" else dtype])]
+    *lead, k, n = t.shape
+    lead = tuple(lead)
+    if dtype == "fp8":  # fp8 values with float32 block scales over 128 x 128 tiles ([out, in] grid)
+        return [(t.shape, 1), ((*lead, math.ceil(k / 128), math.ceil(n / 128)), 4)]
+    if quantization == "int8":
+        return [(t.shape, 1), ((*lead, 1, n), elem)]
+    if quantization == "int4":
+        g = int4_group_size(k)
+        return [((*lead, k // 2, n), 1), ((*lead, k // g, n), elem)]
+    return [(t.shape, elem)]
+
+
+def shard_factor(axes, shape, mesh: Mesh) -> int:
+    """How many ways an array of this shape and these logical axes is split on the mesh."""
+    spec = logical_to_spec(axes, mesh.shape, shape)
+    factor = 1
+    for entry in spec:
+        if entry is not None:
+            factor *= mesh.shape[entry]
+    return factor
+
+
+def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None, mesh: Mesh) -> int:
+    total = 0
+    for shape, elem in stored_arrays(t, dtype, quantization):
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * elem // shard_factor(t.axes, shape, mesh)
+    return total
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: str, mesh: Mesh = Mesh()) -> int:
+    """Cache bytes one token takes on one device, summed over layers."""
+    elem = DTYPE_BYTES["bfloat16" if dtype == "fp8" else dtype]
+    if config.is_mla:  # the compressed latent and the shared rope key, replicated over tensor ranks
+        return config.num_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
+    heads = config.num_kv_heads
+    if heads % mesh.tp == 0:
+        heads //= mesh.tp
+    return config.num_layers * 2 * heads * config.head_dim * elem
+
+
+def workspace_bytes(config: ModelConfig, mesh: Mesh, max_model_len: int, max_num_seqs: int) -> int:
+    """Activation reserve: one prefill of min(max_model_len, 8192) tokens (or max_num_seqs decode rows).
+
+    Float32 throughout: per token, the residual stream and its temporaries (8 x hidden) and the widest MLP
+    activation (gate, up and product for top_k experts or the dense width, split over tensor); one attention
+    block of scores [512 queries, max_model_len keys, heads / tp]; and for each of max_num_seqs rows the
+    logits and the sampler's sorted copy (2 x vocab / tp): only each row's last position reaches the lm_head.
+    """
+    tokens = max(min(max_model_len, WORKSPACE_TOKENS), max_num_seqs)
+    widest = max(config.intermediate_size if not all(config.moe_layers) else 0,
+                 config.num_experts_per_tok * config.moe_intermediate_size,
+                 config.shared_expert_intermediate_size)
+    per_token = 8 * config.hidden_size + 3 * widest // mesh.tp
+    heads = max(config.num_heads // mesh.tp, 1)
+    scores = min(ATTENTION_QUERY_BLOCK, tokens) * max_model_len * heads
+    logits = max_num_seqs * 2 * config.vocab_size // mesh.tp
+    return 4 * (tokens * per_token + scores + logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    model: str
+    mesh: Mesh
+    dtype: str
+    quantization: str | None
+    offload_experts: bool
+    params: ParamCounts
+    weight_bytes_by_kind: dict[str, int]  # per device (the largest device)
+    weight_bytes_per_device: int
+    host_weight_bytes: int  # routed experts kept in host memory when offloaded
+    kv_bytes_per_token: int  # per device
+    device_memory_bytes: int
+    gpu_memory_utilization: float
+    workspace_bytes: int
+    kv_cache_bytes: int  # per device
+    kv_cache_tokens: int  # per model replica
+    max_model_len: int
+    max_concurrency: float
+    fits: bool
+    suggestion: str | None = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mesh"] = dataclasses.asdict(self.mesh)
+        d["params"] = dataclasses.asdict(self.params)
+        return d
+
+
+def plan_memory(
+    config: ModelConfig,
+    *,
+    mesh: Mesh = Mesh(),
+    dtype: str = "bfloat16",
+    quantization: str | None = None,
+    offload_experts: bool = False,
+    device_memory_bytes: int = 80 * GIB,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    max_num_seqs: int = 256,
+    model: str = "",
+    suggest: bool = True,
+) -> MemoryPlan:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if dtype == "fp8" and quantization:
+        raise ValueError("dtype fp8 and quantization are exclusive")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    check_divisible(config, mesh)
+    max_model_len = max_model_len or config.max_position_embeddings
+    by_kind = {k: 0 for k in KINDS}
+    host = 0
+    for t in inventory(config):
+        if offload_experts and t.kind == "routed_experts":
+            # The host keeps every routed expert whole, for all of its devices.
+            host += tensor_bytes_per_device(t, dtype, quantization, Mesh())
+            continue
+        by_kind[t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh)
+    weights = sum(by_kind.values())
+    kv_token = kv_bytes_per_token(config, dtype, mesh)
+    budget = int(device_memory_bytes * gpu_memory_utilization)
+    workspace = workspace_bytes(config, mesh, max_model_len, max_num_seqs)
+    kv_bytes = max(budget - weights - workspace, 0)
+    kv_tokens = kv_bytes // kv_token
+    fits = weights + workspace <= budget and kv_tokens >= max_model_len
+    plan = MemoryPlan(
+        model=model, mesh=mesh, dtype=dtype, quantization=quantization, offload_experts=offload_experts,
+        params=count_params(config), weight_bytes_by_kind=by_kind, weight_bytes_per_device=weights,
+        host_weight_bytes=host, kv_bytes_per_token=kv_token, device_memory_bytes=device_memory_bytes,
+        gpu_memory_utilization=gpu_memory_utilization, workspace_bytes=workspace, kv_cache_bytes=kv_bytes,
+        kv_cache_tokens=int(kv_tokens), max_model_len=max_model_len,
+        max_concurrency=kv_tokens / max_model_len, fits=fits)
+    if not fits and suggest:
+        plan = dataclasses.replace(plan, suggestion=smallest_fix(plan, config, max_num_seqs))
+    return plan
+
+
+def check_divisible(config: ModelConfig, mesh: Mesh) -> None:
+    """Parallel sizes must divide what they split."""
+    if config.num_experts % mesh.ep:
+        raise ValueError(f"expert_parallel_size={mesh.ep} does not divide num_experts={config.num_experts}")
+    if config.num_heads % mesh.tp:
+        raise ValueError(f"tensor_parallel_size={mesh.tp} does not divide num_attention_heads={config.num_heads}")
+
+
+def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> str | None:
+    """The first change, in order of how little it changes, that makes the plan fit."""
+    kw = dict(dtype=plan.dtype, quantization=plan.quantization, offload_experts=plan.offload_experts,
+              device_memory_bytes=plan.device_memory_bytes, gpu_memory_utilization=plan.gpu_memory_utilization,
+              max_model_len=plan.max_model_len, max_num_seqs=max_num_seqs, suggest=False)
+    m = plan.mesh
+    candidates = []
+    for length in (plan.max_model_len // 2, plan.max_model_len // 4, 8192, 4096):
+        if 0 < length < plan.max_model_len:
+            candidates.append((f"--max-model-len {length}", dict(kw, max_model_len=length), m))
+    if plan.dtype != "fp8":
+        for q in ("int8", "int4"):
+            if (QUANTIZATIONS.index(q) > QUANTIZATIONS.index(plan.quantization)):
+                candidates.append((f"--quantization {q}", dict(kw, quantization=q), m))
+    for ep in (2, 4, 8, 16, 32, 64):
+        if ep > m.ep and config.num_experts % ep == 0:
+            candidates.append((f"--ep {ep} ({m.tp * ep * m.dp} devices)", kw, Mesh(m.tp, ep, m.dp)))
+    for tp in (2, 4, 8):
+        if tp > m.tp and config.num_heads % tp == 0:
+            candidates.append((f"--tp {tp} ({tp * m.ep * m.dp} devices)", kw, Mesh(tp, m.ep, m.dp)))
+    if not plan.offload_experts:
+        candidates.append(("--offload-experts", dict(kw, offload_experts=True), m))
+        candidates.append(("--offload-experts --quantization int4", dict(kw, offload_experts=True,
+                                                                         quantization="int4"), m))
+    for text, args, mesh in candidates:
+        try:
+            if plan_memory(config, mesh=mesh, **args).fits:
+                return text
+        except ValueError:
+            continue
+    return None
