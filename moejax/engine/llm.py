@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 
 import jax
@@ -17,7 +18,10 @@ from moejax.engine.runner import ModelRunner, bucket
 from moejax.engine.sampling import SamplingBatch, SamplingParams
 from moejax.engine.tokenizer import Tokenizer
 from moejax.models import build_abstract
+from moejax.plan.memory import Mesh, plan_memory
 from moejax.sharding.mesh import make_mesh, sharding_for_axes
+
+logger = logging.getLogger("moejax")
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 QUANTIZATIONS = (None, "int8", "int4")
@@ -70,13 +74,22 @@ class LLM:
         self.dtype = DTYPES[dtype]
         self.dtype_name = dtype
         self.quantization = quantization
-        self.max_model_len = max_model_len or c.max_position_embeddings
         self.max_num_seqs = max_num_seqs
         self.gpu_memory_utilization = gpu_memory_utilization
         self.seed = seed
         self._request_counter = itertools.count()
 
         self.mesh = make_mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size)
+        # The planner is the memory model: it sizes the KV cache and caps the default max_model_len.
+        self.memory_plan = plan_memory(
+            c, mesh=Mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size), dtype=dtype,
+            quantization=quantization, device_memory_bytes=device_memory_bytes(),
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len or c.max_position_embeddings, max_num_seqs=max_num_seqs, suggest=False)
+        capacity = self.memory_plan.kv_cache_tokens
+        self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 1)
+        logger.info("KV cache size: %s tokens; maximum concurrency for %s tokens per request: %.2fx",
+                    f"{capacity:,}", f"{self.max_model_len:,}", capacity / self.max_model_len)
         graphdef, abstract = build_abstract(c, self.dtype)
 
         def sharding_for(path, var):
@@ -111,8 +124,8 @@ class LLM:
             from tqdm import tqdm
 
             progress = tqdm(total=len(results), desc="Processed prompts", leave=False)
-        for start in range(0, len(requests), self.max_num_seqs):
-            self._generate_batch(requests[start : start + self.max_num_seqs])
+        for batch in self._batches(requests):
+            self._generate_batch(batch)
             if progress is not None:
                 progress.n = sum(r.finished for r in results)
                 progress.refresh()
@@ -189,6 +202,21 @@ class LLM:
     def _budget(self, prompt_len: int, p: SamplingParams) -> int:
         room = self.max_model_len - prompt_len
         return room if p.max_tokens is None else min(p.max_tokens, room)
+
+    def _batches(self, requests):
+        """Consecutive groups of at most max_num_seqs requests whose cache fits the planned KV capacity."""
+        capacity = max(self.memory_plan.kv_cache_tokens, 1)
+        start = 0
+        while start < len(requests):
+            size = min(self.max_num_seqs, len(requests) - start)
+            while size > 1:
+                group = requests[start : start + size]
+                need = max(len(r[2]) + self._budget(len(r[2]), r[3]) for r in group)
+                if bucket(size) * bucket(need, MIN_CACHE_BUCKET) <= capacity:
+                    break
+                size //= 2
+            yield requests[start : start + size]
+            start += size
 
     def _generate_batch(self, requests):
         """Run one static batch to completion: a batched prefill, then decode steps until every row stops."""
@@ -279,6 +307,14 @@ class LLM:
             text = self.tokenizer.decode(ids)
         completion.text = text or ""
         return True
+
+
+def device_memory_bytes() -> int:
+    """Memory of one device: the accelerator's limit, or the host's RAM for the CPU backend."""
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(len(jax.devices()), 1)
 
 
 def _unique(items):

@@ -1,0 +1,118 @@
+"""The planner against published model sizes, against the model code, and against the engine's allocations."""
+
+import collections
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from moejax import LLM
+from moejax.checkpoints.hf import flat_params
+from moejax.config import ModelConfig
+from moejax.engine import cache as kv
+from moejax.models import build_abstract
+from moejax.plan.memory import GIB, Mesh, plan_memory
+from moejax.plan.params import count_params, inventory
+from moejax.sharding.mesh import sharding_for_axes
+from tests.hf_models import FAMILIES
+
+CONFIGS = Path(__file__).resolve().parents[2] / ".." / "shared" / "model_configs"
+
+# (file, published total, published active, whether the published active count includes the embedding table)
+PUBLISHED = [
+    ("Qwen__Qwen3-30B-A3B.json", 30.5e9, 3.3e9, True),
+    ("Qwen__Qwen3-235B-A22B.reconstructed.json", 235e9, 22e9, True),
+    ("deepseek-ai__DeepSeek-V3.reconstructed.json", 671e9, 37e9, True),
+    ("mistralai__Mixtral-8x7B-v0.1.json", 46.7e9, 12.9e9, True),
+    ("openai__gpt-oss-20b.json", 21e9, 3.6e9, False),
+]
+
+
+@pytest.mark.parametrize("name, total, active, with_embeddings", PUBLISHED)
+def test_counts_match_published_sizes(name, total, active, with_embeddings):
+    if not (CONFIGS / name).is_file():
+        pytest.skip(f"{CONFIGS / name} not present (shared/ is beside the repository in CI)")
+    counts = count_params(ModelConfig.from_file(CONFIGS / name))
+    assert abs(counts.total - total) / total < 0.01
+    ours = counts.active if with_embeddings else counts.active_without_embeddings
+    # Published active counts are rounded to two significant digits.
+    assert abs(ours - active) / active < 0.02
+
+
+def test_seed_figure_qwen3_235b_tp8():
+    name = CONFIGS / "Qwen__Qwen3-235B-A22B.reconstructed.json"
+    if not name.is_file():
+        pytest.skip("shared/model_configs not present")
+    plan = plan_memory(ModelConfig.from_file(name), mesh=Mesh(tp=8), max_model_len=4096)
+    assert 58e9 < plan.weight_bytes_per_device < 60e9 and plan.fits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inventory_is_the_model(hf_model_dir, family):
+    config = ModelConfig.from_file(hf_model_dir(family))
+    _, abstract = build_abstract(config, np.float32)
+    model = {path: (tuple(var.get_value().shape), tuple(var.get_metadata()["logical_axes"]))
+             for path, var in flat_params(abstract)}
+    planned = {t.path: (t.shape, t.axes) for t in inventory(config)}
+    assert planned == model
+
+
+def allocated_bytes_per_device(state) -> int:
+    per_device = collections.Counter()
+    for leaf in jax.tree.leaves(state):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    return max(per_device.values())
+
+
+@pytest.mark.parametrize("tp, ep, dp", [(1, 1, 1), (2, 1, 1), (1, 4, 1), (2, 4, 1), (1, 2, 2), (1, 8, 1)])
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_predicted_bytes_equal_engine_allocation(hf_model_dir, family, tp, ep, dp):
+    llm = LLM(hf_model_dir(family), tensor_parallel_size=tp, expert_parallel_size=ep, data_parallel_size=dp)
+    assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
+    # KV cache: per device, a token costs exactly the planned bytes.
+    batch, length = 4, 128
+    shape = kv.cache_shape(llm.config, batch, length)
+    cache = kv.init_cache(llm.config, batch, length, llm.dtype, sharding_for_axes(llm.mesh, kv.CACHE_AXES, shape))
+    tokens_per_device = batch // dp * length
+    assert allocated_bytes_per_device(cache) == llm.memory_plan.kv_bytes_per_token * tokens_per_device
+
+
+def test_plan_json_and_verdict(tmp_path):
+    config = tmp_path / "config.json"
+    name = CONFIGS / "Qwen__Qwen3-30B-A3B.json"
+    if not name.is_file():
+        pytest.skip("shared/model_configs not present")
+    config.write_text(name.read_text())
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moejax.cli", "plan", str(config), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    out = json.loads(run("--json").stdout)
+    for key in ("weight_bytes_per_device", "host_weight_bytes", "kv_bytes_per_token", "kv_cache_tokens",
+                "max_concurrency", "fits"):
+        assert key in out
+    assert out["fits"]
+    assert out["max_concurrency"] == pytest.approx(out["kv_cache_tokens"] / out["max_model_len"])
+    small = json.loads(run("--json", "--gpu-memory", "24").stdout)
+    assert not small["fits"] and small["suggestion"]
+    text = run("--gpu-memory", "24").stdout
+    assert "does NOT fit" in text and small["suggestion"] in text
+    offload = json.loads(run("--json", "--offload-experts").stdout)
+    assert offload["host_weight_bytes"] > 50e9 and offload["weight_bytes_per_device"] < 4e9
+    bad = run("--tp", "3")
+    assert bad.returncode != 0 and "tensor_parallel_size=3" in bad.stderr
+
+
+def test_kv_capacity_arithmetic():
+    config = ModelConfig.from_dict({
+        "architectures": ["MixtralForCausalLM"], "vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "max_position_embeddings": 1024})
+    plan = plan_memory(config, device_memory_bytes=1 * GIB, gpu_memory_utilization=0.5, max_model_len=1024)
+    assert plan.kv_bytes_per_token == 2 * 2 * 2 * 64 * 2
+    expected = (GIB // 2 - plan.weight_bytes_per_device - plan.workspace_bytes) // plan.kv_bytes_per_token
+    assert plan.kv_cache_tokens == expected
+    assert plan.max_concurrency == pytest.approx(expected / 1024)
