@@ -50,9 +50,15 @@ def experts_reference(
     params: ExpertWeights,
     activation: Activation = Activation(),
 ) -> jax.Array:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), with float32 accumulation; returns x's dtype."""
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), with float32 accumulation; returns x's dtype.
+
+    Assignments whose id is outside [0, E) (another shard's experts) are skipped: they sort last and fall
+    outside every group.
+    """
     num_tokens, top_k = ids_TK.shape
     num_experts = params.w_gate.shape[0]
+    ids_TK = jnp.where((ids_TK >= 0) & (ids_TK < num_experts), ids_TK, num_experts)
+    weights_TK = jnp.where(ids_TK < num_experts, weights_TK, 0)
     flat_ids = ids_TK.reshape(-1)
     # Rows sorted by expert: row r is assignment order[r] = token * top_k + slot.
     order = jnp.argsort(flat_ids, stable=True)

@@ -57,6 +57,10 @@ def run_generate(args) -> int:
     prompts = args.prompt or ["def "]
     llm = load_llm(args)
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    from moejax.sharding.distributed import is_main_process
+
+    if not is_main_process():  # every process computes; only process 0 prints
+        return 0
     for out in outputs:
         sys.stdout.write(out.prompt + out.outputs[0].text + "\n")
         if len(outputs) > 1:

@@ -15,7 +15,7 @@ def hf_config(family: str, **overrides):
     import transformers as tf
 
     if family == "mixtral":
-        cfg = tf.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
+        cfg = tf.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
                                rope_theta=10000.0)
     elif family == "qwen2_moe":
         cfg = tf.Qwen2MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=32, num_experts=8,

@@ -19,6 +19,7 @@ from moejax.engine.sampling import SamplingBatch, SamplingParams
 from moejax.engine.tokenizer import Tokenizer
 from moejax.models import build_abstract
 from moejax.plan.memory import Mesh, plan_memory
+from moejax.sharding.distributed import initialize_from_env
 from moejax.sharding.mesh import make_mesh, sharding_for_axes
 
 logger = logging.getLogger("moejax")
@@ -50,6 +51,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
     ):
+        initialize_from_env()
         model = default_model_path() if model is None else os.fspath(model)
         if not os.path.isdir(model):
             raise ValueError(f"model: {model!r} is not a directory")
@@ -96,7 +98,7 @@ class LLM:
             return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), var.get_value().shape)
 
         state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer())
-        self.runner = ModelRunner(graphdef, state, "highest" if self.dtype == jnp.float32 else None)
+        self.runner = ModelRunner(graphdef, state, self.mesh, "highest" if self.dtype == jnp.float32 else None)
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
         self.eos_token_ids = set(c.eos_token_ids) | _generation_eos(model)
 
@@ -154,7 +156,7 @@ class LLM:
         tokens[0, :n] = token_ids
         positions = np.full((1, t), -1, np.int32)
         positions[0, :n] = np.arange(n)
-        logits = self.runner.forward_logits(jnp.asarray(tokens), jnp.asarray(positions))
+        logits = self.runner.forward_logits(tokens, positions)
         return np.asarray(logits[0, :n], np.float32)
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -252,8 +254,7 @@ class LLM:
         while not all(done):
             sampling = SamplingBatch.build(params, seeds, generated, batch)
             next_tokens, logprobs, top, cache = self.runner.step(
-                jnp.asarray(step_tokens), jnp.asarray(step_positions), jnp.asarray(step_last), cache, sampling,
-                num_logprobs)
+                step_tokens, step_positions, step_last, cache, sampling, num_logprobs)
             next_tokens = np.asarray(next_tokens)
             logprobs = np.asarray(logprobs)
             top = None if top is None else (np.asarray(top[0]), np.asarray(top[1]))
@@ -311,10 +312,11 @@ class LLM:
 
 def device_memory_bytes() -> int:
     """Memory of one device: the accelerator's limit, or the host's RAM for the CPU backend."""
-    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(len(jax.devices()), 1)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(len(jax.local_devices()), 1)
 
 
 def _unique(items):

@@ -7,6 +7,7 @@ per (batch, tokens, cache length) bucket. `forward_logits` is the cache-free for
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -25,11 +26,21 @@ def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
     return size
 
 
+def replicated(tree):
+    """Constrain results to be replicated over the mesh in context (a no-op without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.axis_names:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec()), tree)
+
+
 class ModelRunner:
-    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, matmul_precision: str | None = None):
-        """matmul_precision: "highest" keeps float32 models in true float32 on GPUs that default to TF32."""
+    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh=None, matmul_precision: str | None = None):
+        """mesh: the device mesh every step runs under (expert-parallel dispatch reads it from context).
+        matmul_precision: "highest" keeps float32 models in true float32 on GPUs that default to TF32."""
         self.graphdef = graphdef
         self.state = state
+        self.mesh = mesh
         self.matmul_precision = matmul_precision
         graph = graphdef
 
@@ -42,23 +53,31 @@ class ModelRunner:
             h_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
             logits_BV = model.logits(h_BD)
             tokens, logprobs, top = sample(logits_BV, sampling, num_logprobs)
-            return tokens, logprobs, top, cache
+            # Host-bound results are replicated so that every process can read them.
+            return replicated((tokens, logprobs, top)) + (cache,)
 
         @jax.jit
         def forward_logits(state, tokens_BT, positions_BT):
             model = nnx.merge(graph, state)
             hidden_BTD, _, _ = model(tokens_BT, positions_BT, None)
-            return model.logits(hidden_BTD)
+            return replicated(model.logits(hidden_BTD))
 
         self.step_fn = step
         self.forward_logits_fn = forward_logits
 
+    def _context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.default_matmul_precision(self.matmul_precision))
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+        return stack
+
     def step(self, tokens_BT, positions_BT, last_B, cache, sampling, num_logprobs=0):
-        with jax.default_matmul_precision(self.matmul_precision):
+        with self._context():
             return self.step_fn(self.state, tokens_BT, positions_BT, last_B, cache, sampling, num_logprobs)
 
     def forward_logits(self, tokens_BT, positions_BT):
-        with jax.default_matmul_precision(self.matmul_precision):
+        with self._context():
             return self.forward_logits_fn(self.state, tokens_BT, positions_BT)
 
     def compilations(self) -> int:

@@ -14,6 +14,7 @@ from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.layers.linear import Linear, param
 from moejax.layers.mlp import MLP
+from moejax.sharding.expert_parallel import moe_experts
 
 
 def routing_config(config: ModelConfig) -> kernels.RoutingConfig:
@@ -65,7 +66,7 @@ class MoEBlock(nnx.Module):
         logits_TE = self.router(x_TD)
         bias = self.correction_bias[...] if self.correction_bias is not None else None
         weights_TK, ids_TK = kernels.route(logits_TE, routing_config(self.config), bias)
-        y_TD = kernels.experts(x_TD, weights_TK, ids_TK, self.expert_weights(), self.activation)
+        y_TD = moe_experts(x_TD, weights_TK, ids_TK, self.expert_weights(), self.activation)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:

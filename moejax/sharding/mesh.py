@@ -16,6 +16,10 @@ def make_mesh(tensor: int = 1, expert: int = 1, data: int = 1, devices=None) -> 
         raise ValueError(
             f"data_parallel_size={data} x expert_parallel_size={expert} x tensor_parallel_size={tensor} "
             f"needs {needed} devices; {len(devices)} are visible")
+    if len(devices) % needed:
+        raise ValueError(
+            f"data_parallel_size={data} x expert_parallel_size={expert} x tensor_parallel_size={tensor} = {needed} "
+            f"does not divide the {len(devices)} visible devices")
     grid = np.asarray(devices[:needed], dtype=object).reshape(data, expert, tensor)
     return Mesh(grid, MESH_AXES)
 

@@ -1,0 +1,84 @@
+"""Expert-parallel dispatch of the routed experts.
+
+Routed experts are split over the `expert` mesh axis (and their width over `tensor`). XLA cannot infer a
+dispatch for a grouped matmul whose groups live on different devices (it would all-gather the expert weights),
+so the expert computation runs inside shard_map: every rank sees the tokens of its data shard, computes only the
+assignments that route to its own experts (ids shifted by its expert offset; the rest are skipped inside the
+grouped matmul), and one psum over (expert, tensor) adds the partial outputs, which are already weighted.
+
+Replicate-then-psum was chosen over all_to_all: tokens are already replicated across expert ranks (the batch
+is split over `data` only), so dispatch costs no communication, and the combine is a single all-reduce of
+[tokens, hidden] per layer; all_to_all would only pay off once attention is also data-parallel across expert
+ranks (tokens not replicated), which this engine does not do yet.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax import kernels
+from moejax.sharding.rules import DATA, EXPERT, TENSOR, logical_to_spec
+
+EXPERT_AXES = {
+    "w_gate": ("experts", "embed", "expert_mlp"),
+    "w_up": ("experts", "embed", "expert_mlp"),
+    "w_down": ("experts", "expert_mlp", "embed"),
+    "b_gate": ("experts", "expert_mlp"),
+    "b_up": ("experts", "expert_mlp"),
+    "b_down": ("experts", "embed"),
+}
+
+
+def _mesh_shape(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh is not None and mesh.axis_names else {}
+
+
+def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activation: kernels.Activation):
+    """`kernels.experts`, dispatched over the mesh in context when experts are sharded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shape = _mesh_shape(mesh)
+    if shape.get(EXPERT, 1) * shape.get(TENSOR, 1) == 1:
+        return kernels.experts(x_TD, weights_TK, ids_TK, params, activation)
+
+    fields = {name: getattr(params, name) for name in EXPERT_AXES if getattr(params, name) is not None}
+    specs = {name: logical_to_spec(EXPERT_AXES[name], shape, _shape_of(v)) for name, v in fields.items()}
+    expert_sharded = specs["w_gate"][0] == EXPERT
+    width_sharded = specs["w_down"][1] == TENSOR
+    reduce_axes = tuple(a for a, used in ((EXPERT, expert_sharded), (TENSOR, width_sharded)) if used)
+    num_tokens = x_TD.shape[0]
+    token_spec = P(DATA) if num_tokens % shape.get(DATA, 1) == 0 else P()
+    names = tuple(fields)
+
+    def local(x_TD, weights_TK, ids_TK, *arrays):
+        local_params = kernels.ExpertWeights(**dict(zip(names, arrays)))
+        if expert_sharded:
+            offset = jax.lax.axis_index(EXPERT) * local_params.w_gate.shape[0]
+            ids_TK = ids_TK - offset  # ids of other ranks fall outside [0, local experts) and are skipped
+        y_TD = kernels.experts(x_TD, weights_TK, ids_TK, local_params, activation)
+        if width_sharded and local_params.b_down is not None:
+            # The down bias must be added once, not once per tensor rank.
+            y_TD = y_TD - jnp.where(jax.lax.axis_index(TENSOR) == 0, 0, 1) * _bias_term(
+                weights_TK, ids_TK, local_params.b_down, x_TD.dtype)
+        return jax.lax.psum(y_TD.astype(jnp.float32), reduce_axes).astype(x_TD.dtype) if reduce_axes else y_TD
+
+    mapped = jax.shard_map(
+        local,
+        in_specs=(token_spec, token_spec, token_spec, *(specs[n] for n in names)),
+        out_specs=token_spec,
+        check_vma=False,
+    )
+    return mapped(x_TD, weights_TK, ids_TK, *fields.values())
+
+
+def _bias_term(weights_TK, ids_TK, b_down_ED, dtype):
+    """sum_k weight * b_down[id] for the assignments this rank owns."""
+    num_experts = b_down_ED.shape[0]
+    mine = (ids_TK >= 0) & (ids_TK < num_experts)
+    bias_TKD = b_down_ED[jnp.clip(ids_TK, 0, num_experts - 1)].astype(jnp.float32)
+    return jnp.sum(jnp.where(mine, weights_TK, 0)[..., None] * bias_TKD, axis=1).astype(dtype)
+
+
+def _shape_of(v):
+    return v.shape if hasattr(v, "shape") else v.values.shape
