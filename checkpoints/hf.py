@@ -35,7 +35,7 @@ def load_hf_state(
     config: ModelConfig,
     abstract_state: nnx.State,
     *,
-    sharding_for: Callable[[tuple, nnx.Variable], jax.sharding.Sharding],
+    sharding_for: Callable[[tuple, nnx.Variable, tuple], jax.sharding.Sharding],
     transform: Transform | None = None,
     progress: bool = False,
 ) -> nnx.State:
@@ -58,17 +58,19 @@ def load_hf_state(
         used.update(source.names)
         for name in source.names:
             reader.info(name)  # a missing tensor fails here, naming it
-        host = source.load(reader)
+        host = source.load(reader)  # a lazy view: nothing is read until a shard is sliced out of it
         expected = var.get_value().shape
         if tuple(host.shape) != tuple(expected):
             raise CheckpointError(
                 f"{directory}: tensor {source.names[0]!r} has shape {list(host.shape)}; "
                 f"the config implies {list(expected)} for {'.'.join(map(str, path))}")
         dtype = var.get_value().dtype
-        host = np.asarray(host).astype(dtype, copy=False)
-        value = transform(path, host) if transform is not None else host
-        var = var.replace(jax.tree.map(lambda a: _place(a, sharding_for(path, var)), value))
-        filled.append((path, var))
+        if transform is not None:
+            value = transform(path, np.asarray(host).astype(dtype, copy=False))
+            value = jax.tree.map(lambda a: _place(a, sharding_for(path, var, a.shape), a.dtype), value)
+        else:
+            value = _place(host, sharding_for(path, var, host.shape), dtype)
+        filled.append((path, var.replace(value)))
         del host, value
     unused = sorted(n for n in names - used if not ignored(config, n))
     if unused:
@@ -77,6 +79,7 @@ def load_hf_state(
     return nnx.from_flat_state(filled)
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    """Put `host` on the devices of `sharding`, each device receiving only its shard."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index]))
+def _place(host, sharding, dtype) -> jax.Array:
+    """Put `host` on the devices of `sharding`: each device's shard is read, cast and copied on its own."""
+    return jax.make_array_from_callback(
+        tuple(host.shape), sharding, lambda index: np.asarray(host[index]).astype(dtype, copy=False))

@@ -32,9 +32,30 @@ def tensor(name: str, transpose: bool = False) -> Source:
     return Source((name,), lambda a: a[0].T if transpose else a[0])
 
 
+class StackedExperts:
+    """Per-expert [out, in] tensors seen as one [E, in, out] array that reads only the experts it is sliced to.
+
+    A process loading its shard of an expert-parallel layer touches only its own experts' bytes.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], transpose: bool):
+        self.arrays = [a.T if transpose else a for a in arrays]
+        self.shape = (len(arrays), *self.arrays[0].shape)
+        self.dtype = self.arrays[0].dtype
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        experts = range(len(self.arrays))[index[0]] if index else range(len(self.arrays))
+        return np.stack([self.arrays[e][index[1:]] for e in experts])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[(slice(None),)]
+        return out if dtype is None else out.astype(dtype)
+
+
 def stacked(names: list[str], transpose: bool = True) -> Source:
-    """Per-expert [out, in] tensors -> one [E, in, out] array."""
-    return Source(tuple(names), lambda a: np.stack([x.T if transpose else x for x in a]))
+    """Per-expert [out, in] tensors -> one lazily stacked [E, in, out] array."""
+    return Source(tuple(names), lambda a: StackedExperts(a, transpose))
 
 
 def fused_gate_up(name: str, part: int) -> Source:

@@ -94,8 +94,8 @@ class LLM:
                     f"{capacity:,}", f"{self.max_model_len:,}", capacity / self.max_model_len)
         graphdef, abstract = build_abstract(c, self.dtype)
 
-        def sharding_for(path, var):
-            return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), var.get_value().shape)
+        def sharding_for(path, var, shape):
+            return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), shape)
 
         state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer())
         self.runner = ModelRunner(graphdef, state, self.mesh, "highest" if self.dtype == jnp.float32 else None)

@@ -97,3 +97,22 @@ def test_compiled_hlo_has_expected_collectives_and_no_expert_all_gather(hf_model
 def test_bad_parallel_sizes(hf_model_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLM(hf_model_dir("qwen3_moe"), **kwargs)
+
+
+def test_expert_shard_reads_only_its_experts():
+    from moejax.checkpoints.hf_names import StackedExperts
+
+    touched = []
+
+    class Expert:
+        def __init__(self, e):
+            self.e, self.T, self.shape, self.dtype = e, self, (3, 2), np.dtype(np.float32)
+
+        def __getitem__(self, index):
+            touched.append(self.e)
+            return np.full((3, 2), self.e, np.float32)[index]
+
+    stacked = StackedExperts([Expert(e) for e in range(8)], transpose=True)
+    shard = stacked[(slice(4, 6), slice(None), slice(0, 1))]
+    assert shard.shape == (2, 3, 1) and touched == [4, 5]
+    assert (shard[:, 0, 0] == [4, 5]).all()
