@@ -67,7 +67,9 @@ def load_hf_state(
         dtype = var.get_value().dtype
         if transform is not None:
             value = transform(path, np.asarray(host).astype(dtype, copy=False))
-            value = jax.tree.map(lambda a: _place(a, sharding_for(path, var, a.shape), a.dtype), value)
+            # A quantized weight's arrays are all split alike (see kernels.quant.sharding_shape).
+            shape = getattr(value, "sharding_shape", None) or value.shape
+            value = jax.tree.map(lambda a: _place(a, sharding_for(path, var, shape), a.dtype), value)
         else:
             value = _place(host, sharding_for(path, var, host.shape), dtype)
         filled.append((path, var.replace(value)))

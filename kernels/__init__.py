@@ -12,7 +12,9 @@ def matmul(x, w):
     """x [..., K] @ w [K, N] with float32 accumulation; returns x's dtype. Accepts quantized weights."""
     import jax.numpy as jnp
 
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    from moejax.kernels.quant import as_array
+
+    return jnp.matmul(x, as_array(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def route(router_logits, config: RoutingConfig, correction_bias=None):

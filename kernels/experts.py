@@ -55,6 +55,10 @@ def experts_reference(
     Assignments whose id is outside [0, E) (another shard's experts) are skipped: they sort last and fall
     outside every group.
     """
+    from moejax.kernels.quant import as_array
+
+    params = dataclasses.replace(params, w_gate=as_array(params.w_gate, x_TD.dtype),
+                                 w_up=as_array(params.w_up, x_TD.dtype), w_down=as_array(params.w_down, x_TD.dtype))
     num_tokens, top_k = ids_TK.shape
     num_experts = params.w_gate.shape[0]
     ids_TK = jnp.where((ids_TK >= 0) & (ids_TK < num_experts), ids_TK, num_experts)

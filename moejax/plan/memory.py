@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 from moejax.config import ModelConfig
+from moejax.kernels.quant import sharding_shape
 from moejax.plan.params import KINDS, ParamCounts, TensorSpec, count_params, inventory
 from moejax.sharding.rules import DATA, EXPERT, TENSOR, logical_to_spec
 
@@ -68,12 +69,15 @@ def shard_factor(axes, shape, mesh: Mesh) -> int:
 
 
 def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None, mesh: Mesh) -> int:
+    arrays = stored_arrays(t, dtype, quantization)
+    # The stored arrays of one weight are split alike: only along axes that every one of them divides.
+    factor = shard_factor(t.axes, sharding_shape([shape for shape, _ in arrays]), mesh)
     total = 0
-    for shape, elem in stored_arrays(t, dtype, quantization):
+    for shape, elem in arrays:
         n = 1
         for s in shape:
             n *= s
-        total += n * elem // shard_factor(t.axes, shape, mesh)
+        total += n * elem // factor
     return total
 
 

@@ -45,7 +45,11 @@ def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activat
     fields = {name: getattr(params, name) for name in EXPERT_AXES if getattr(params, name) is not None}
     specs = {name: logical_to_spec(EXPERT_AXES[name], shape, _shape_of(v)) for name, v in fields.items()}
     expert_sharded = specs["w_gate"][0] == EXPERT
-    width_sharded = specs["w_down"][1] == TENSOR
+    # The expert width must be split alike in all three matmuls (a quantized weight may not divide); if any
+    # does not split it, none does here.
+    width_sharded = specs["w_gate"][2] == specs["w_up"][2] == specs["w_down"][1] == TENSOR
+    if not width_sharded:
+        specs = {n: P(*(None if a == TENSOR else a for a in spec)) for n, spec in specs.items()}
     reduce_axes = tuple(a for a, used in ((EXPERT, expert_sharded), (TENSOR, width_sharded)) if used)
     num_tokens = x_TD.shape[0]
     token_spec = P(DATA) if num_tokens % shape.get(DATA, 1) == 0 else P()
@@ -81,4 +85,4 @@ def _bias_term(weights_TK, ids_TK, b_down_ED, dtype):
 
 
 def _shape_of(v):
-    return v.shape if hasattr(v, "shape") else v.values.shape
+    return getattr(v, "sharding_shape", None) or v.shape

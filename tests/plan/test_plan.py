@@ -82,6 +82,14 @@ def test_predicted_bytes_equal_engine_allocation(hf_model_dir, family, tp, ep, d
     assert allocated_bytes_per_device(cache) == llm.memory_plan.kv_bytes_per_token * tokens_per_device
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("tp, ep", [(1, 1), (2, 4)])
+def test_predicted_quantized_bytes_equal_engine_allocation(hf_model_dir, quantization, tp, ep):
+    llm = LLM(hf_model_dir("qwen2_moe"), quantization=quantization, tensor_parallel_size=tp,
+              expert_parallel_size=ep)
+    assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
+
+
 def test_plan_json_and_verdict(tmp_path):
     config = tmp_path / "config.json"
     name = CONFIGS / "Qwen__Qwen3-30B-A3B.json"
