@@ -4,8 +4,39 @@ The MoE block reaches them only through `route` and `experts`; which implementat
 pure-JAX reference elsewhere) is decided here, never in model code.
 """
 
+import os
+
+import jax
+
+from moejax.kernels.align import moe_align_block_size
 from moejax.kernels.experts import Activation, ExpertWeights, experts_reference, gated_activation
 from moejax.kernels.routing import RoutingConfig, grouped_topk, route_reference
+
+BACKENDS = ("auto", "pallas", "reference")
+_backend = os.environ.get("MOEJAX_KERNELS", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"MOEJAX_KERNELS must be one of {BACKENDS}, got {_backend!r}")
+
+
+def set_backend(name: str) -> None:
+    """"auto" (Pallas on GPU, reference elsewhere), "pallas" (interpreted off GPU: slow, for tests) or
+    "reference"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _pallas() -> tuple[bool, bool]:
+    """(use Pallas, interpret it) for the backend in force and the platform being traced for."""
+    on_gpu = jax.default_backend() == "gpu"
+    if _backend == "reference" or (_backend == "auto" and not on_gpu):
+        return False, False
+    return True, not on_gpu
 
 
 def matmul(x, w):
@@ -19,11 +50,22 @@ def matmul(x, w):
 
 def route(router_logits, config: RoutingConfig, correction_bias=None):
     """Router logits [T, E] -> (weights float32 [T, k], ids int32 [T, k])."""
+    use, interpret = _pallas()
+    if use:
+        from moejax.kernels.pallas_routing import route_pallas
+
+        return route_pallas(router_logits, config, correction_bias, interpret=interpret)
     return route_reference(router_logits, config, correction_bias)
 
 
 def experts(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: Activation = Activation()):
     """Weighted sum of each token's top-k experts: [T, D] -> [T, D]."""
+    use, interpret = _pallas()
+    if use:
+        from moejax.kernels import pallas_experts
+
+        if pallas_experts.supported(params, activation, x_TD.shape[-1]):
+            return pallas_experts.experts_pallas(x_TD, weights_TK, ids_TK, params, activation, interpret=interpret)
     return experts_reference(x_TD, weights_TK, ids_TK, params, activation)
 
 
@@ -34,7 +76,10 @@ __all__ = [
     "experts",
     "experts_reference",
     "gated_activation",
+    "get_backend",
     "grouped_topk",
+    "moe_align_block_size",
+    "set_backend",
     "matmul",
     "route",
     "route_reference",

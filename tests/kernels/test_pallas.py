@@ -1,0 +1,111 @@
+"""Pallas kernels (interpret mode on the CPU) equal their pure-JAX references on fresh random inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import LLM, kernels
+from moejax.kernels import ExpertWeights, RoutingConfig, experts_reference, grouped_topk, moe_align_block_size
+from moejax.kernels.pallas_experts import Tiles, experts_pallas
+from moejax.kernels.pallas_routing import route_pallas
+from moejax.kernels.quant import quantize
+from moejax.kernels.routing import route_reference
+
+ROUTINGS = [
+    (RoutingConfig(8, "sigmoid", True, 8, 4, 2.5), 256, True),  # DeepSeek-V3
+    (RoutingConfig(4, "sigmoid", True, 4, 2, 1.0), 32, False),
+    (RoutingConfig(2, "softmax", True), 8, False),  # Mixtral
+    (RoutingConfig(4, "softmax", False), 60, False),  # Qwen1.5-MoE: 60 experts, no renormalization
+    (RoutingConfig(8, "softmax", True), 128, False),  # Qwen3
+]
+
+
+@pytest.mark.parametrize("config, num_experts, bias", ROUTINGS)
+def test_routing_kernel_equals_reference(config, num_experts, bias):
+    rng = np.random.default_rng()
+    logits = jnp.asarray(rng.standard_normal((50, num_experts)), jnp.float32)
+    correction = jnp.asarray(rng.standard_normal(num_experts) * 0.1, jnp.float32) if bias else None
+    w_ref, i_ref = route_reference(logits, config, correction)
+    w, i = route_pallas(logits, config, correction, interpret=True)
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(i_ref))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-6, atol=1e-7)
+
+
+def test_routing_ties_go_to_lower_ids():
+    logits = jnp.asarray(np.round(np.random.default_rng().standard_normal((40, 16)), 0), jnp.float32)  # many ties
+    for config in (RoutingConfig(4, "softmax", True), RoutingConfig(4, "sigmoid", True, 4, 2)):
+        np.testing.assert_array_equal(np.asarray(route_pallas(logits, config, interpret=True)[1]),
+                                      np.asarray(route_reference(logits, config)[1]))
+
+
+@pytest.mark.parametrize("tokens, top_k, num_experts, block", [(1, 8, 128, 16), (37, 2, 8, 4), (64, 4, 60, 32)])
+def test_align_block_size_invariants(tokens, top_k, num_experts, block):
+    rng = np.random.default_rng()
+    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    sorted_ids, expert_ids, total = (np.asarray(a) for a in moe_align_block_size(jnp.asarray(ids), num_experts, block))
+    n = tokens * top_k
+    assert sorted_ids.shape == (n + num_experts * (block - 1),)
+    assert expert_ids.shape == (sorted_ids.shape[0] // block,)
+    real = sorted_ids[sorted_ids < n]
+    assert sorted(real.tolist()) == list(range(n))  # every assignment exactly once
+    assert total % block == 0 and (sorted_ids[total:] == n).all()
+    flat = ids.reshape(-1)
+    counts = np.bincount(flat, minlength=num_experts)
+    assert total == sum(-(-c // block) * block for c in counts)
+    used = expert_ids[: total // block]
+    assert (np.diff(used) >= 0).all() and (expert_ids[total // block:] == -1).all()
+    assert set(used.tolist()) == set(np.nonzero(counts)[0].tolist())  # empty experts take no block
+    for b, e in enumerate(used):
+        rows = sorted_ids[b * block : (b + 1) * block]
+        assert (flat[rows[rows < n]] == e).all()
+        assert (np.diff(rows[rows < n]) > 0).all()  # stable within an expert
+
+
+def _problem(tokens, d, f, e, k, dtype):
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((tokens, d)), dtype)
+    w, ids = grouped_topk(jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32), k)
+    params = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in [(e, d, f), (e, d, f), (e, f, d)]]
+    return x, w, ids, params
+
+
+@pytest.mark.parametrize("tokens", [1, 24])
+def test_bf16_experts_within_1e2(tokens):
+    x, w, ids, params = _problem(tokens, 128, 64, 16, 4, jnp.float32)
+    ref = np.asarray(experts_reference(x, w, ids, ExpertWeights(*[jnp.asarray(p) for p in params])))
+    got = experts_pallas(x.astype(jnp.bfloat16), w, ids,
+                         ExpertWeights(*[jnp.asarray(p, jnp.bfloat16) for p in params]), interpret=True)
+    assert np.abs(np.asarray(got, np.float32) - ref).max() / np.abs(ref).max() < 1e-2
+
+
+@pytest.mark.parametrize("bits, zero_point", [(8, False), (4, False), (4, True)])
+def test_quantized_experts_equal_dequantized_matmul(bits, zero_point):
+    x, w, ids, params = _problem(20, 256, 64, 8, 2, jnp.float32)
+    quantized = ExpertWeights(*[quantize(p, bits, group_size=128, zero_point=zero_point) for p in params])
+    ref = np.asarray(experts_reference(x, w, ids, quantized))  # dequantize, then float32 matmuls
+    got = np.asarray(experts_pallas(x, w, ids, quantized, interpret=True,
+                                    tiles=Tiles(block_m=16, block_n=32, block_k=64)))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3
+
+
+def test_other_ranks_ids_are_skipped():
+    x, w, ids, params = _problem(10, 64, 32, 8, 2, jnp.float32)
+    p = ExpertWeights(*[jnp.asarray(a) for a in params])
+    shifted = ids - 4  # a rank holding experts 4..7 sees them as 0..3, the rest out of range
+    local = ExpertWeights(*[a[4:] for a in (p.w_gate, p.w_up, p.w_down)])
+    np.testing.assert_allclose(np.asarray(experts_pallas(x, w, shifted, local, interpret=True)),
+                               np.asarray(experts_reference(x, w, shifted, local)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_models_give_same_logits_through_kernels(hf_model_dir, family):
+    path = hf_model_dir(family)
+    ids = list(range(3, 30))
+    ref = LLM(path).logits(ids)
+    kernels.set_backend("pallas")
+    try:
+        got = LLM(path).logits(ids)
+    finally:
+        kernels.set_backend("auto")
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
