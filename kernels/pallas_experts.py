@@ -37,10 +37,14 @@ def choose_tiles(rows: int, num_experts: int, k: int, n: int) -> Tiles:
     per_expert = rows / max(num_experts, 1)
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
     block_n = 64 if per_expert <= 64 else 128
-    block_k = 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32 if k % 32 == 0 else 16
+    # Shared memory per pipeline stage: x tile plus two weight tiles (gate and up), bf16. Large tiles take a
+    # shorter K step so that 3 stages stay within Hopper's 227 KB.
+    block_k = 128 if block_m <= 32 else 64
+    while k % block_k:
+        block_k //= 2
     while n % block_n:
         block_n //= 2
-    return Tiles(block_m, block_n, block_k, num_warps=4, num_stages=3 if per_expert <= 64 else 4)
+    return Tiles(block_m, block_n, max(block_k, 16), num_warps=4 if block_m <= 32 else 8, num_stages=3)
 
 
 def _load_weight_tile(refs, bits, e, k0, block_k, n0, block_n, x_tile_even, x_tile_odd, x_tile, group_size):
