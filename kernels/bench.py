@@ -94,8 +94,9 @@ def bench_shape(name, tokens, e, d, f, k, rng):
     rows, block_expert = prepare(x, ids)
     log = lambda what: print(f"  {name}: {what}", flush=True)  # noqa: E731
     variants = {"bf16": (w_gate, w_up)}
+    quantize_jit = jax.jit(quantize, static_argnums=(1,))
     for bits in (8, 4):
-        variants[f"int{bits}"] = (quantize(w_gate, bits), quantize(w_up, bits))
+        variants[f"int{bits}"] = (quantize_jit(w_gate, bits), quantize_jit(w_up, bits))
     results = {}
     for label, (g, u) in variants.items():
         fn = jax.jit(lambda rows, be, g=g, u=u: grouped_matmul(rows, be, [g, u], tiles, fuse=True,
