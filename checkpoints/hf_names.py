@@ -119,6 +119,11 @@ def _layout_source(config: ModelConfig, path: Path, names: set[str]) -> Source:
         return tensor(f"{p}.post_attention_layernorm.weight")
     if part == "attn":
         module = path[3]
+        mla = {"q_a_norm": "q_a_layernorm", "kv_a_norm": "kv_a_layernorm", "kv_a_proj": "kv_a_proj_with_mqa"}
+        if module in ("q_a_norm", "kv_a_norm"):
+            return tensor(f"{p}.self_attn.{mla[module]}.weight")
+        if module == "kv_a_proj":
+            return _linear(f"{p}.self_attn.kv_a_proj_with_mqa", path, leaf)
         if module in ("q_norm", "k_norm"):
             return tensor(f"{p}.self_attn.{module}.weight")
         if module == "sinks":

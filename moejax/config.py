@@ -246,7 +246,8 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
             qk_nope_head_dim=int(req("qk_nope_head_dim")),
             qk_rope_head_dim=int(req("qk_rope_head_dim")),
             v_head_dim=int(req("v_head_dim")),
-            scoring_func=str(opt("softmax", "scoring_func")),
+            # V3 routes with sigmoid scores (transformers 5 saves scoring_func as null); V2 with softmax.
+            scoring_func=str(opt("softmax" if d.get("model_type") == "deepseek_v2" else "sigmoid", "scoring_func")),
             norm_topk_prob=bool(opt(False, "norm_topk_prob")),
             n_group=int(opt(1, "n_group")),
             topk_group=int(opt(1, "topk_group")),

@@ -37,12 +37,18 @@ CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 def cache_shape(config: ModelConfig, batch_size: int, max_len: int) -> tuple[int, ...]:
+    """GQA: K (and V) [batch, max_len, kv_heads, head_dim]. MLA: the latent [batch, max_len, 1, kv_lora + rope]
+    in `k`, and no `v`."""
+    if config.is_mla:
+        return (batch_size, max_len, 1, config.kv_lora_rank + config.qk_rope_head_dim)
     return (batch_size, max_len, config.num_kv_heads, config.head_dim)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
-    """Bytes one token occupies in the cache, summed over layers (K and V)."""
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    """Bytes one token occupies in the cache, summed over layers."""
+    per_layer = (config.kv_lora_rank + config.qk_rope_head_dim) if config.is_mla else \
+        2 * config.num_kv_heads * config.head_dim
+    return config.num_layers * per_layer * jnp.dtype(dtype).itemsize
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype, sharding=None) -> KVCache:
@@ -51,8 +57,8 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype, shardi
     def zeros():
         return jnp.zeros(shape, dtype, device=sharding) if sharding is not None else jnp.zeros(shape, dtype)
 
-    return KVCache(k=tuple(zeros() for _ in range(config.num_layers)),
-                   v=tuple(zeros() for _ in range(config.num_layers)))
+    layers = range(config.num_layers)
+    return KVCache(k=tuple(zeros() for _ in layers), v=() if config.is_mla else tuple(zeros() for _ in layers))
 
 
 def write(buffer_BSKH: jax.Array, new_BTKH: jax.Array, positions_BT: jax.Array) -> jax.Array:

@@ -10,7 +10,8 @@ FAMILIES = {
     "qwen2_moe": MoETransformer,
     "qwen3_moe": MoETransformer,
     "olmoe": MoETransformer,
-    "gpt_oss": MoETransformer,  # GQA with sinks, sliding windows, biases and a clamped activation
+    "gpt_oss": MoETransformer,
+    "deepseek_v3": MoETransformer,  # MLA attention, dense first layers, grouped sigmoid routing  # GQA with sinks, sliding windows, biases and a clamped activation
 }
 
 

@@ -1,4 +1,4 @@
-"""The decoder-only MoE transformer shared by the GQA families (Mixtral, Qwen2/3-MoE, OLMoE)."""
+"""The decoder-only MoE transformer shared by every family (GQA or MLA attention, dense or MoE layers)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from moejax.config import ModelConfig
 from moejax.engine.cache import KVCache
 from moejax.layers.attention import Attention
 from moejax.layers.linear import Embed, Linear
+from moejax.layers.mla import MLAttention
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import MoEBlock
 from moejax.layers.norms import RMSNorm
@@ -19,7 +20,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs | None = None):
         self.window = config.window(layer)
         self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.attn = (MLAttention if config.is_mla else Attention)(config, dtype=dtype, rngs=rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         if config.moe_layers[layer]:
             self.moe, self.mlp = MoEBlock(config, dtype=dtype, rngs=rngs), None
@@ -53,11 +54,12 @@ class MoETransformer(nnx.Module):
         x = self.embed(tokens_BT)
         new_k, new_v, router_logits = [], [], []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i] if cache.v else None)
             x, layer_cache, logits = layer(x, positions_BT, layer_cache)
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+                if layer_cache[1] is not None:
+                    new_v.append(layer_cache[1])
             if logits is not None:
                 router_logits.append(logits)
         new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))

@@ -1,0 +1,93 @@
+"""DeepSeek-V3 against transformers: MLA (latent cache, absorbed decode), YaRN, grouped sigmoid routing."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from moejax import LLM, SamplingParams
+from moejax.checkpoints.hf_writer import save_safetensors
+from moejax.checkpoints.safetensors import SafetensorsReader
+from moejax.engine import cache as kv
+from moejax.plan.memory import kv_bytes_per_token
+from tests.hf_models import load_hf, make_deepseek
+
+PROMPT = np.random.RandomState(3).randint(0, 97, 32).tolist()
+VARIANTS = {"q_lora_groups": dict(q_lora_rank=24, n_group=4, topk_group=2),
+            "v2_style_no_q_lora": dict(q_lora_rank=None, n_group=1, topk_group=1)}
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = make_deepseek(str(tmp_path_factory.mktemp(name)), **VARIANTS[name])
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_and_greedy_match_transformers(deepseek, variant):
+    path = deepseek(variant)
+    hf = load_hf(path)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT])).logits[0].numpy()
+    llm = LLM(path)
+    assert np.abs(llm.logits(PROMPT) - ref).max() / np.abs(ref).max() < 1e-4
+    prompt = PROMPT[:10]
+    ours = llm.generate(prompt_token_ids=[prompt], use_tqdm=False,
+                        sampling_params=SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(16):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert ours[0].outputs[0].token_ids == ids[len(prompt):]
+
+
+def test_mla_cache_holds_the_latent_only(deepseek):
+    llm = LLM(deepseek("q_lora_groups"))
+    c = llm.config
+    per_token = c.num_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # float32
+    assert kv.kv_bytes_per_token(c, jnp.float32) == per_token == kv_bytes_per_token(c, "float32")
+    cache = kv.init_cache(c, 2, 64, jnp.float32)
+    assert cache.v == () and all(k.shape == (2, 64, 1, 24) for k in cache.k)
+    assert cache.nbytes == 2 * 64 * per_token
+    assert per_token < c.num_layers * 2 * c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim) * 4 / 4
+
+
+def test_absorbed_decode_equals_expanded(deepseek):
+    llm = LLM(deepseek("q_lora_groups"))
+    model = nnx.merge(llm.runner.graphdef, llm.runner.state)
+    attn = model.layers[1].attn
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((2, 12, 64)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    expanded, _ = attn(x, positions)
+    buf = jnp.zeros(kv.cache_shape(llm.config, 2, 16), jnp.float32)
+    # Prefill the first 11 tokens into the latent cache, then decode the 12th against it.
+    prefill, (buf, _) = attn(x[:, :11], positions[:, :11], (buf, None))
+    decode, _ = attn(x[:, 11:], positions[:, 11:], (buf, None))
+    absorbed = jnp.concatenate([prefill, decode], axis=1)
+    np.testing.assert_allclose(np.asarray(absorbed), np.asarray(expanded), rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_layer_in_checkpoint_is_skipped(deepseek, tmp_path):
+    src = deepseek("q_lora_groups")
+    reader = SafetensorsReader(src)
+    tensors = {n: np.array(reader.get(n)) for n in reader.names()}
+    for name in list(tensors):  # an extra layer numbered num_hidden_layers, as in Hub checkpoints
+        if name.startswith("model.layers.2."):
+            tensors[name.replace("model.layers.2.", "model.layers.3.")] = tensors[name]
+    tensors["model.layers.3.eh_proj.weight"] = np.zeros((64, 128), np.float32)
+    save_safetensors(str(tmp_path / "model.safetensors"), tensors)
+    config = json.load(open(os.path.join(src, "config.json")))
+    config["num_nextn_predict_layers"] = 1
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    np.testing.assert_array_equal(LLM(str(tmp_path)).logits(PROMPT), LLM(src).logits(PROMPT))
