@@ -124,3 +124,19 @@ def test_kv_capacity_arithmetic():
     expected = (GIB // 2 - plan.weight_bytes_per_device - plan.workspace_bytes) // plan.kv_bytes_per_token
     assert plan.kv_cache_tokens == expected
     assert plan.max_concurrency == pytest.approx(expected / 1024)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_inventory_and_bytes_for_mla_and_gpt_oss(tmp_path, family):
+    from tests.hf_models import make_deepseek, make_gpt_oss
+
+    path = (make_deepseek if family == "deepseek_v3" else make_gpt_oss)(str(tmp_path / family))
+    config = ModelConfig.from_file(path)
+    _, abstract = build_abstract(config, np.float32)
+    model = {p: (tuple(v.get_value().shape), tuple(v.get_metadata()["logical_axes"])) for p, v in flat_params(abstract)}
+    assert {t.path: (t.shape, t.axes) for t in inventory(config)} == model
+    for tp, ep in [(1, 1), (2, 4)]:
+        llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep)
+        assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
+        ref = LLM(path).logits(list(range(3, 20)))
+        assert np.abs(llm.logits(list(range(3, 20))) - ref).max() / np.abs(ref).max() < 1e-5
