@@ -79,6 +79,28 @@ def _linear(prefix: str, path: Path, leaf: str) -> Source:
 
 def hf_source(config: ModelConfig, path: Path, names: set[str]) -> Source:
     """The Source of parameter `path`, given the tensor names present in the checkpoint."""
+    source = _layout_source(config, path, names)
+    if config.checkpoint_quant == "fp8" and any(f"{n}_scale_inv" in names for n in source.names):
+        return _fp8(source, names, config.fp8_block_size)
+    return source
+
+
+def _fp8(source: Source, names: set[str], block) -> Source:
+    """Dequantize FP8 block-scaled tensors (those with a `_scale_inv` partner) before the layout transform."""
+    from moejax.checkpoints.quantized_formats import dequantize_fp8_block
+
+    scaled = [f"{n}_scale_inv" in names for n in source.names]
+    extra = tuple(f"{n}_scale_inv" for n, s in zip(source.names, scaled) if s)
+
+    def assemble(arrays):
+        tensors, scales = list(arrays[: len(source.names)]), iter(arrays[len(source.names):])
+        tensors = [dequantize_fp8_block(t, next(scales), block) if s else t for t, s in zip(tensors, scaled)]
+        return source.assemble(tensors)
+
+    return Source(source.names + extra, assemble)
+
+
+def _layout_source(config: ModelConfig, path: Path, names: set[str]) -> Source:
     top, leaf = path[0], path[-1]
     if top == "embed":
         return tensor("model.embed_tokens.weight")
@@ -125,6 +147,30 @@ def _moe_source(config: ModelConfig, p: str, rest: tuple, names: set[str]) -> So
         return tensor(f"{block}.shared_expert_gate.weight", transpose=True)
     experts = f"{block}.experts"
     num = config.num_experts
+    if config.family == "gpt_oss" and f"{experts}.gate_up_proj_blocks" in names:  # MXFP4 experts
+        from moejax.checkpoints.quantized_formats import dequantize_mxfp4
+
+        def mxfp4(stem, part=None):
+            def assemble(a):
+                w = np.swapaxes(dequantize_mxfp4(a[0], a[1]), -1, -2)  # [E, out, in] -> [E, in, out]
+                return w if part is None else w[..., part::2]
+
+            return Source((f"{stem}_blocks", f"{stem}_scales"), assemble)
+
+        if what in ("w_gate", "w_up"):
+            return mxfp4(f"{experts}.gate_up_proj", 0 if what == "w_gate" else 1)
+        if what == "w_down":
+            return mxfp4(f"{experts}.down_proj")
+    if config.family == "gpt_oss":  # fused, input-major, gate and up interleaved by column, with biases
+        interleaved = {"w_gate": (f"{experts}.gate_up_proj", 0), "w_up": (f"{experts}.gate_up_proj", 1),
+                       "b_gate": (f"{experts}.gate_up_proj_bias", 0), "b_up": (f"{experts}.gate_up_proj_bias", 1)}
+        if what in interleaved:
+            name, part = interleaved[what]
+            return Source((name,), lambda a, part=part: a[0][..., part::2])
+        if what == "w_down":
+            return tensor(f"{experts}.down_proj")
+        if what == "b_down":
+            return tensor(f"{experts}.down_proj_bias")
     if what in ("w_gate", "w_up", "w_down"):
         if f"{experts}.gate_up_proj" in names:
             if what == "w_down":

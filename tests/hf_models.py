@@ -90,3 +90,22 @@ def save_char_tokenizer(path: str, eos: str = "<eos>") -> dict:
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": eos, "chat_template": template}, f)
     return vocab
+
+
+def make_gpt_oss(path: str, seed: int = 0, sliding_window: int = 8) -> str:
+    """A tiny GPT-OSS (YaRN, sinks, alternating sliding/full layers, biases) saved with save_pretrained."""
+    import torch
+    import transformers as tf
+
+    cfg = tf.GptOssConfig(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                          num_experts_per_tok=2, sliding_window=sliding_window, max_position_embeddings=256,
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "original_max_position_embeddings": 64, "truncate": False})
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.float().save_pretrained(path)
+    return path

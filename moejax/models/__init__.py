@@ -10,6 +10,7 @@ FAMILIES = {
     "qwen2_moe": MoETransformer,
     "qwen3_moe": MoETransformer,
     "olmoe": MoETransformer,
+    "gpt_oss": MoETransformer,  # GQA with sinks, sliding windows, biases and a clamped activation
 }
 
 
