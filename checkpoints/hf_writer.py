@@ -27,11 +27,15 @@ SAFETENSORS_DTYPES = {
 def hf_tensors(config: ModelConfig, state, dtype=None) -> dict[str, np.ndarray]:
     """Every parameter under its HF name(s), in HF layout ([out, in] per expert)."""
     out: dict[str, np.ndarray] = {}
+    # hf_source picks the layout from the names a checkpoint holds; these select the per-expert Hub layout
+    # (for Mixtral, block_sparse_moe.experts.N.w1/w2/w3).
+    hub_names = {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(config.num_layers)} \
+        if config.family == "mixtral" else set()
     for path, var in flat_params(state):
         value = np.asarray(var.get_value())
         if dtype is not None and value.dtype.kind == "f" and path[-1] != "correction_bias":
             value = value.astype(dtype)
-        source = hf_source(config, path, set())
+        source = hf_source(config, path, hub_names)
         if len(source.names) > 1:  # stacked per-expert tensors [E, in, out] -> E x [out, in]
             for name, expert in zip(source.names, value):
                 out[name] = np.ascontiguousarray(expert.T)
