@@ -58,6 +58,17 @@ class LLM:
         self.model_path = model
         self.config = ModelConfig.from_file(model)
         c = self.config
+        from moejax.checkpoints import orbax_store
+
+        self.checkpoint = orbax_store.read_metadata(model) if orbax_store.is_converted(model) else None
+        if self.checkpoint is not None:  # a converted checkpoint fixes its dtype and quantization
+            dtype = self.checkpoint["dtype"] if dtype == "auto" else dtype
+            if dtype != self.checkpoint["dtype"]:
+                raise ValueError(f"dtype={dtype!r}: {model} was converted to {self.checkpoint['dtype']}")
+            stored = self.checkpoint.get("quantization")
+            if quantization not in (None, stored):
+                raise ValueError(f"quantization={quantization!r}: {model} was converted with {stored!r}")
+            quantization = stored
         if dtype == "auto":
             dtype = c.dtype if c.dtype in DTYPES else "bfloat16"
         if dtype not in DTYPES:
@@ -97,7 +108,10 @@ class LLM:
         def sharding_for(path, var, shape):
             return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), shape)
 
-        state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer())
+        if self.checkpoint is not None:
+            state = orbax_store.restore_state(model, abstract, sharding_for, self.checkpoint.get("quantized"))
+        else:
+            state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer())
         self.runner = ModelRunner(graphdef, state, self.mesh, "highest" if self.dtype == jnp.float32 else None)
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
         self.eos_token_ids = set(c.eos_token_ids) | _generation_eos(model)

@@ -1,0 +1,114 @@
+"""moejax checkpoints on Orbax: written one layer at a time, restored straight into target shardings.
+
+Layout of a converted directory:
+    config.json, tokenizer files, generation_config.json   copied from the HF directory
+    moejax_checkpoint.json                                  metadata (version, sources, dtype, quantization, parts)
+    params/<part>/                                          one Orbax checkpoint per part: "embed", "layer_000", ...,
+                                                            "final"; each holds that part's parameter subtree
+Writing part by part keeps peak host memory near one layer (stacked experts included), not the model. Restoring
+passes `jax.ShapeDtypeStruct`s with the target shardings, so each device reads only its own shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+METADATA = "moejax_checkpoint.json"
+COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                "chat_template.jinja", "special_tokens_map.json")
+
+
+def is_converted(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, METADATA))
+
+
+def part_of(path: tuple) -> str:
+    """Which Orbax checkpoint a parameter lives in."""
+    if path[0] == "layers":
+        return f"layer_{int(path[1]):03d}"
+    return "embed" if path[0] == "embed" else "final"
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def _nest(entries: dict[tuple, object]) -> dict:
+    """{("layers", 0, "attn", "q_proj", "kernel"): x} -> nested dicts with string keys."""
+    out: dict = {}
+    for path, value in entries.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = value
+    return out
+
+
+def save_part(directory: str, part: str, entries: dict[tuple, object]) -> None:
+    """Write one part (a dict path -> array or QuantizedWeight) as its own Orbax checkpoint."""
+    ckptr = _checkpointer()
+    ckptr.save(os.path.join(os.path.abspath(directory), "params", part), _nest(entries))
+    ckptr.wait_until_finished()
+
+
+def write_metadata(directory: str, metadata: dict) -> None:
+    with open(os.path.join(directory, METADATA), "w") as f:
+        json.dump(metadata, f, indent=2, sort_keys=True)
+
+
+def read_metadata(directory: str) -> dict:
+    with open(os.path.join(directory, METADATA)) as f:
+        return json.load(f)
+
+
+def restore_state(directory: str, abstract_state, sharding_for, quantized: dict[str, dict] | None = None):
+    """Fill `abstract_state` from a converted directory, each array restored into its sharding.
+
+    quantized: "a.b.c" path -> {"bits", "group_size", "zero_point"} for weights stored as QuantizedWeight.
+    """
+    from flax import nnx
+
+    from moejax.checkpoints.hf import flat_params
+    from moejax.kernels.quant import QuantizedWeight, group_size_for
+
+    quantized = quantized or {}
+    entries = flat_params(abstract_state)
+    targets: dict[str, dict[tuple, object]] = {}
+    for path, var in entries:
+        value = var.get_value()
+        spec = quantized.get(".".join(map(str, path)))
+        if spec is None:
+            target = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding_for(path, var, value.shape))
+        else:
+            *lead, k, n = value.shape
+            bits = spec["bits"]
+            g = group_size_for(k, spec["group_size"]) if bits == 4 else 0
+            shapes = {"values": (*lead, k if bits == 8 else k // 2, n),
+                      "scales": (*lead, 1 if bits == 8 else k // g, n)}
+            dtypes = {"values": np.int8 if bits == 8 else np.uint8, "scales": value.dtype}
+            if spec.get("zero_point"):
+                shapes["zeros"], dtypes["zeros"] = (*lead, k // g, n), np.uint8
+            from moejax.kernels.quant import sharding_shape
+
+            sharding = sharding_for(path, var, sharding_shape(list(shapes.values())))
+            leaves = {name: jax.ShapeDtypeStruct(shape, dtypes[name], sharding=sharding)
+                      for name, shape in shapes.items()}
+            target = QuantizedWeight(leaves["values"], leaves["scales"], leaves.get("zeros"), bits=bits,
+                                     group_size=g)
+        targets.setdefault(part_of(path), {})[path] = target
+    restored: dict[tuple, object] = {}
+    ckptr = _checkpointer()
+    for part, items in targets.items():
+        tree = ckptr.restore(os.path.join(os.path.abspath(directory), "params", part), _nest(items))
+        for path in items:
+            node = tree
+            for key in path:
+                node = node[str(key)]
+            restored[path] = node
+    return nnx.from_flat_state([(path, var.replace(restored[path])) for path, var in entries])
