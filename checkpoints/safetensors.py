@@ -90,7 +90,6 @@ class SafetensorsReader:
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: shard named in model.safetensors.index.json is missing")
             self.tensors.update(read_header(path))
-        self._maps: dict[str, np.memmap] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -105,13 +104,13 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.directory}: tensor {name!r} is missing from the checkpoint") from None
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only view of the tensor in the mapped file."""
+        """A read-only view of the tensor, mapped from its file on its own: the mapping (and the resident pages
+        it brought in) goes away with the last array that uses it, so streaming readers stay small."""
         info = self.info(name)
-        mm = self._maps.get(info.file)
-        if mm is None:
-            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        raw = mm[info.start : info.end]
-        return raw.view(DTYPES[info.dtype]).reshape(info.shape)
+        if info.nbytes == 0:
+            return np.zeros(info.shape, DTYPES[info.dtype])
+        mapped = np.memmap(info.file, dtype=DTYPES[info.dtype], mode="r", offset=info.start, shape=info.shape or (1,))
+        return mapped.reshape(info.shape)
 
     @property
     def total_bytes(self) -> int:
