@@ -9,6 +9,7 @@ killed conversion leaves no OUT_DIR behind, and an existing OUT_DIR is never tou
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import sys
@@ -83,11 +84,13 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
             bar = tqdm(total=len(entries), desc="converting", unit="tensor")
         used: set[str] = set()
         part, pending = None, {}
+        checkpointer = orbax_store._checkpointer()  # one for all parts: its thread pools are not rebuilt
         for path, var in entries:
             this_part = orbax_store.part_of(path)
             if this_part != part and pending:
-                orbax_store.save_part(tmp, part, pending)
+                orbax_store.save_part(tmp, part, pending, checkpointer)
                 pending = {}
+                gc.collect()
             part = this_part
             source = hf_source(config, path, names)
             for name in source.names:
@@ -99,7 +102,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
                 raise CheckpointError(
                     f"{hf_dir}: tensor {source.names[0]!r} has shape {list(host.shape)}; "
                     f"the config implies {list(expected)} for {'.'.join(map(str, path))}")
-            value = np.asarray(host).astype(var.get_value().dtype)
+            value = np.asarray(host).astype(var.get_value().dtype, copy=False)
             if quantization and should_quantize(path) and not (bits == 4 and value.shape[-2] % 2):
                 value = quantize(value, bits)
                 quantized[".".join(map(str, path))] = {"bits": bits, "group_size": 128, "zero_point": False}
@@ -108,7 +111,8 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
             if bar is not None:
                 bar.update()
         if pending:
-            orbax_store.save_part(tmp, part, pending)
+            orbax_store.save_part(tmp, part, pending, checkpointer)
+        checkpointer.close()
         if bar is not None:
             bar.close()
         unused = sorted(n for n in names - used if not ignored(config, n))

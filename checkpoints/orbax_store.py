@@ -50,9 +50,10 @@ def _nest(entries: dict[tuple, object]) -> dict:
     return out
 
 
-def save_part(directory: str, part: str, entries: dict[tuple, object]) -> None:
-    """Write one part (a dict path -> array or QuantizedWeight) as its own Orbax checkpoint."""
-    ckptr = _checkpointer()
+def save_part(directory: str, part: str, entries: dict[tuple, object], checkpointer=None) -> None:
+    """Write one part (a dict path -> array or QuantizedWeight) as its own Orbax checkpoint, synchronously, so
+    that the part's host arrays can be freed before the next one is built."""
+    ckptr = checkpointer or _checkpointer()
     ckptr.save(os.path.join(os.path.abspath(directory), "params", part), _nest(entries))
     ckptr.wait_until_finished()
 
