@@ -33,7 +33,7 @@ def test_convert_then_load_equals_hf(hf_model_dir, tmp_path, family):
         src = make_gpt_oss(str(tmp_path / "src"))
     else:
         src = hf_model_dir(family)
-    modes = [None, "int4"] + (["int8"] if family in ("qwen2_moe", "mixtral") else [])
+    modes = [None, "int8", "int4"]
     for quantization in modes:
         out = str(tmp_path / f"out_{quantization}")
         convert(src, out, quantization=quantization)
