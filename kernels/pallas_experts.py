@@ -49,10 +49,7 @@ def choose_tiles(rows: int, num_experts: int, k: int, n: int) -> Tiles:
 
 def _load_weight_tile(refs, bits, e, k0, block_k, n0, block_n, x_tile_even, x_tile_odd, x_tile, group_size):
     """Partial product of one K step for one weight (plain, int8 or int4)."""
-    if bits == 0:
-        w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
-        return jnp.dot(x_tile, w.astype(x_tile.dtype), preferred_element_type=jnp.float32)
-    if bits == 8:
+    if bits in (0, 8):  # int8 values are exact in bf16; their per-channel scale is applied after the K loop
         w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
         return jnp.dot(x_tile, w.astype(x_tile.dtype), preferred_element_type=jnp.float32)
     packed = refs[0][e, pl.ds(k0 // 2, block_k // 2), pl.ds(n0, block_n)].astype(jnp.int32)

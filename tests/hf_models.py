@@ -65,6 +65,17 @@ def make_hf_model(family: str, path: str, *, fused: bool = False, hub_keys: bool
     return path
 
 
+def hf_greedy_by_forward(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from transformers' full forward at every step (no generation cache involved)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def load_hf(path: str, dtype: str = "float32"):
     import torch
     import transformers as tf

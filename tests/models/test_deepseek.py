@@ -14,7 +14,7 @@ from moejax.checkpoints.hf_writer import save_safetensors
 from moejax.checkpoints.safetensors import SafetensorsReader
 from moejax.engine import cache as kv
 from moejax.plan.memory import kv_bytes_per_token
-from tests.hf_models import load_hf, make_deepseek
+from tests.hf_models import hf_greedy_by_forward, load_hf, make_deepseek
 
 PROMPT = np.random.RandomState(3).randint(0, 97, 32).tolist()
 VARIANTS = {"q_lora_groups": dict(q_lora_rank=24, n_group=4, topk_group=2),
@@ -44,11 +44,7 @@ def test_logits_and_greedy_match_transformers(deepseek, variant):
     prompt = PROMPT[:10]
     ours = llm.generate(prompt_token_ids=[prompt], use_tqdm=False,
                         sampling_params=SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(16):
-            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert ours[0].outputs[0].token_ids == ids[len(prompt):]
+    assert ours[0].outputs[0].token_ids == hf_greedy_by_forward(hf, prompt, 16)
 
 
 def test_mla_cache_holds_the_latent_only(deepseek):

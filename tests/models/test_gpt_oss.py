@@ -11,7 +11,7 @@ from moejax import LLM, SamplingParams
 from moejax.checkpoints.hf import flat_params
 from moejax.checkpoints.hf_writer import save_safetensors
 from moejax.checkpoints.safetensors import SafetensorsReader
-from tests.hf_models import load_hf, make_gpt_oss
+from tests.hf_models import hf_greedy_by_forward, load_hf, make_gpt_oss
 
 PROMPT = np.random.RandomState(3).randint(0, 97, 32).tolist()  # 4x the sliding window
 
@@ -32,11 +32,7 @@ def test_logits_and_greedy_match_transformers(gpt_oss):
                         sampling_params=SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     # Greedy decoding with transformers' full forward at every step: transformers 5.23's generate (its
     # sliding-window cache) disagrees with its own forward once the prompt is longer than the window.
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(16):
-            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert ours[0].outputs[0].token_ids == ids[len(prompt):]
+    assert ours[0].outputs[0].token_ids == hf_greedy_by_forward(hf, prompt, 16)
 
 
 def test_mxfp4_experts_match_transformers_dequantization(gpt_oss, tmp_path):
