@@ -128,7 +128,8 @@ class LLM:
         for i, (text, prompt_ids, p) in enumerate(zip(texts, ids, params)):
             self._check_prompt(prompt_ids, i)
             request_id = str(next(self._request_counter))
-            base_seed = p.seed if p.seed is not None else hash((self.seed, request_id)) & 0x7FFFFFFF
+            # Unseeded requests draw from the LLM's seed and the request's number: reproducible across runs.
+            base_seed = p.seed if p.seed is not None else (self.seed * 1_000_003 + int(request_id)) & 0x7FFFFFFF
             out = RequestOutput(request_id, text, list(prompt_ids), [])
             for j in range(p.n):
                 out.outputs.append(CompletionOutput(j, "", [], 0.0, [] if p.logprobs is not None else None))
