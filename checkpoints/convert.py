@@ -36,6 +36,18 @@ def run(args) -> int:
     return 0
 
 
+def release_memory() -> None:
+    """Give freed host memory back to the OS between layers. glibc raises its mmap threshold after large frees,
+    so later layer-sized buffers come from the heap and would otherwise stay resident."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str | None = None,
             overwrite: bool = False, progress: bool = False) -> None:
     import ml_dtypes
@@ -90,7 +102,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
             if this_part != part and pending:
                 orbax_store.save_part(tmp, part, pending, checkpointer)
                 pending = {}
-                gc.collect()
+                release_memory()
             part = this_part
             source = hf_source(config, path, names)
             for name in source.names:
