@@ -1,12 +1,52 @@
 """moe_align_block_size: group (token, slot) assignments by expert in blocks of `block_size` rows (vLLM semantics).
 
-Static output sizes (jittable): sorted_token_ids has T*k + E*(block_size - 1) entries, expert_ids one per block.
+Static output sizes (jittable). `moe_align_block_size` keeps vLLM's worst-case length T*k + E*(block_size - 1);
+`align_rows` also returns where each assignment landed (so results are gathered back, not scattered) and by
+default uses the tight bound: at most min(E, T*k) experts can be non-empty, so decode steps get a few blocks
+instead of one per expert.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def tight_rows(num_assignments: int, num_experts: int, block_size: int) -> int:
+    """Rows enough for any routing: each non-empty expert wastes at most block_size - 1 rows."""
+    worst = num_assignments + min(num_experts, num_assignments) * (block_size - 1)
+    return worst // block_size * block_size
+
+
+def align_rows(topk_ids: jax.Array, num_experts: int, block_size: int, length: int | None = None):
+    """-> (sorted_ids int32 [length], block_expert int32 [length // block_size], total int32,
+    row_of_assignment int32 [T*k]).
+
+    sorted_ids and block_expert follow `moe_align_block_size`; assignments whose id is outside [0, E) (another
+    expert-parallel rank's) take no row and their row_of_assignment is `length`.
+    """
+    flat = topk_ids.reshape(-1).astype(jnp.int32)
+    n = flat.shape[0]
+    length = tight_rows(n, num_experts, block_size) if length is None else length
+    num_blocks = length // block_size
+    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # skipped ids: one phantom expert
+    counts = jnp.bincount(key, length=num_experts + 1).astype(jnp.int32)
+    padded = (counts + block_size - 1) // block_size * block_size
+    padded = padded.at[num_experts].set(0)
+    padded_end = jnp.cumsum(padded)
+    padded_start = (padded_end - padded).at[num_experts].set(length)  # the phantom's rows are dropped
+    count_start = jnp.cumsum(counts) - counts
+    total = padded_end[num_experts - 1]
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    key_sorted = key[order]
+    dest_sorted = padded_start[key_sorted] + jnp.arange(n, dtype=jnp.int32) - count_start[key_sorted]
+    dest_sorted = jnp.where(key_sorted < num_experts, dest_sorted, length)
+    sorted_ids = jnp.full((length,), n, jnp.int32).at[dest_sorted].set(order, mode="drop")
+    row_of_assignment = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted)
+    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+    block_expert = jnp.searchsorted(padded_end[:num_experts], block_start, side="right").astype(jnp.int32)
+    block_expert = jnp.where(block_start < total, block_expert, -1)
+    return sorted_ids, block_expert, total.astype(jnp.int32), row_of_assignment
 
 
 def moe_align_block_size(topk_ids: jax.Array, num_experts: int, block_size: int):
@@ -16,21 +56,7 @@ def moe_align_block_size(topk_ids: jax.Array, num_experts: int, block_size: int)
     expert's segment is padded with the sentinel T*k to a multiple of block_size; experts with no tokens take no
     block; expert_ids[b] is block b's expert and -1 past num_tokens_post_padded.
     """
-    flat = topk_ids.reshape(-1).astype(jnp.int32)
-    n = flat.shape[0]
-    max_len = n + num_experts * (block_size - 1)
-    num_blocks = max_len // block_size
-    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    padded = (counts + block_size - 1) // block_size * block_size
-    padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
-    total = padded_end[-1]
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    expert_of_sorted = flat[order]
-    count_start = jnp.cumsum(counts) - counts
-    dest = padded_start[expert_of_sorted] + jnp.arange(n, dtype=jnp.int32) - count_start[expert_of_sorted]
-    sorted_token_ids = jnp.full((max_len,), n, jnp.int32).at[dest].set(order)
-    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
-    expert_ids = jnp.searchsorted(padded_end, block_start, side="right").astype(jnp.int32)
-    expert_ids = jnp.where(block_start < total, expert_ids, -1)
-    return sorted_token_ids, expert_ids, total.astype(jnp.int32)
+    n = topk_ids.size
+    sorted_ids, expert_ids, total, _ = align_rows(topk_ids, num_experts, block_size,
+                                                  n + num_experts * (block_size - 1))
+    return sorted_ids, expert_ids, total

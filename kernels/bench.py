@@ -1,27 +1,36 @@
-"""Kernel benchmark (GPU): grouped expert matmul and routing against their peers and the roofline, in one run.
+"""Kernel benchmark (GPU): grouped expert matmuls and routing against their peers and the roofline, in one run.
 
-    python -m moejax.kernels.bench            # or: moejax bench kernels
+    python -m moejax.kernels.bench [--sweep] [--shapes 0 3]      # or: moejax bench kernels ...
 
-For the six shapes of REFERENCE.md section 3 (x @ W_gate_up with random routing) it prints moejax's fused
-gate/up kernel in bf16, int8 and int4, XLA's ragged_dot, torch._grouped_mm (when torch has CUDA), the whole
-moejax expert layer (alignment, gather, both kernels, combine), and the roofline from the bytes and flops each
-shape needs. Then routing (T=4096, E=256, 8 groups, top-4 groups, top-8, sigmoid with bias) against its jitted
-pure-JAX reference. Every kernel output is checked against its reference first.
+For the six shapes of REFERENCE.md section 3 (x @ W_gate_up, random routing) it prints moejax's fused gate/up
+kernel in bf16, int8 and int4 (tiles from the tuned table), XLA's ragged_dot, torch._grouped_mm (when torch has
+CUDA), the rooflines from the bytes and flops each variant needs, and the whole expert layer (moejax vs the
+ragged_dot reference). Then routing (T=4096, E=256, 8 groups, top-4 groups, top-8, sigmoid with bias) against its
+jitted pure-JAX reference. `--sweep` first times a grid of tiles per shape and weight type and prints the best.
+
+Method: every figure is the median of several rounds, each a single jitted call that runs the op on R different
+routings back to back (R=8 for decode), so that host dispatch is amortized and decode weights do not sit in L2
+between calls; torch is timed with CUDA events over the same R routings. Every kernel is checked against its
+reference before it is timed. Compilation runs in a thread pool.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.kernels.align import moe_align_block_size
+from moejax.kernels.align import align_rows
 from moejax.kernels.experts import ExpertWeights, experts_reference
-from moejax.kernels.pallas_experts import choose_tiles, experts_pallas, grouped_matmul
+from moejax.kernels.pallas_experts import Tiles, choose_tiles, experts_pallas, grouped_matmul
 from moejax.kernels.pallas_routing import route_pallas
-from moejax.kernels.quant import quantize
+from moejax.kernels.quant import dequantize, quantize, quantized_nbytes
 from moejax.kernels.routing import RoutingConfig, route_reference
 
 HBM = 2.6e12  # bytes/s, measured on H100 (REFERENCE.md section 1)
@@ -35,150 +44,339 @@ SHAPES = [  # name, tokens, experts, hidden, expert width, top_k
     ("mixtral decode 64", 64, 8, 4096, 14336, 2),
     ("mixtral prefill 4096", 4096, 8, 4096, 14336, 2),
 ]
+ROUTING_TOKENS = 4096
+BITS = (0, 8, 4)
+LABEL = {0: "bf16", 8: "int8", 4: "int4"}
+INTERPRET = jax.default_backend() != "gpu"  # off the GPU the kernels are interpreted (a smoke test of this script)
 
 
-def timeit(fn, *args, iters: int = 20) -> float:
-    """Microseconds per call after warm-up: the best of 3 rounds of `iters` back-to-back calls (dispatch overlaps
-    the GPU), so short kernels are not timed by the host's call overhead alone."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(3):
+def _median_us(run, per_call: int, rounds: int = 7) -> float:
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best * 1e6
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / per_call * 1e6
 
 
-def torch_grouped_mm_us(x_rows: np.ndarray, counts: np.ndarray, e: int, d: int, n: int) -> float | None:
+def compile_all(jobs: dict, workers: int = 16) -> dict:
+    """{key: (jitted fn, args)} -> {key: compiled executable or the exception}; lowering in order, compiling
+    in parallel threads (XLA and Triton release the GIL)."""
+    lowered = {}
+    for key, (fn, args) in jobs.items():
+        try:
+            lowered[key] = fn.lower(*args)
+        except Exception as err:  # noqa: BLE001 - a tile that does not lower is reported, not fatal
+            lowered[key] = err
+    out = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {k: pool.submit(v.compile) for k, v in lowered.items() if not isinstance(v, Exception)}
+        for key, low in lowered.items():
+            if isinstance(low, Exception):
+                out[key] = low
+                continue
+            try:
+                out[key] = futures[key].result()
+            except Exception as err:  # noqa: BLE001 - e.g. tiles over the shared-memory limit
+                out[key] = err
+    return out
+
+
+@dataclasses.dataclass
+class Problem:
+    name: str
+    tokens: int
+    e: int
+    d: int
+    f: int
+    k: int
+    xs: list  # R x [T, D] bf16
+    weights: list  # R x [T, k]
+    ids: list  # R x [T, k]
+    params: dict  # bits -> ExpertWeights
+
+    @property
+    def m(self) -> int:
+        return self.tokens * self.k
+
+
+def build_problem(name, tokens, e, d, f, k, rng, reps) -> Problem:
+    xs, ws, ids = [], [], []
+    for _ in range(reps):
+        xs.append(jnp.asarray(rng.standard_normal((tokens, d)), jnp.bfloat16))
+        w, i = route_reference(jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32), RoutingConfig(k))
+        ws.append(w)
+        ids.append(i)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    kg, ku, kd = jax.random.split(key, 3)
+    bf16 = ExpertWeights(*(jax.random.normal(kk, s, jnp.bfloat16) * 0.02
+                           for kk, s in ((kg, (e, d, f)), (ku, (e, d, f)), (kd, (e, f, d)))))
+    quant = jax.jit(quantize, static_argnums=(1,))
+    params = {0: bf16}
+    for bits in (8, 4):
+        params[bits] = ExpertWeights(*(quant(w, bits) for w in (bf16.w_gate, bf16.w_up, bf16.w_down)))
+    return Problem(name, tokens, e, d, f, k, xs, ws, ids, params)
+
+
+def gate_up_job(p: Problem, bits: int, tiles: Tiles):
+    """A jitted call running the fused gate/up kernel on every routing, and its arguments."""
+    align = jax.jit(lambda i: align_rows(i, p.e, tiles.block_m))
+    rows, blocks = [], []
+    for x, ids in zip(p.xs, p.ids):
+        sorted_ids, block_expert, _, _ = align(ids)
+        rows.append(x[jnp.minimum(sorted_ids // p.k, p.tokens - 1)])
+        blocks.append(block_expert)
+    w = p.params[bits]
+
+    @jax.jit
+    def run(g, u, rows, blocks):
+        return [grouped_matmul(r, b, [g, u], tiles, fuse=True, out_dtype=jnp.bfloat16,
+                               interpret=INTERPRET) for r, b in zip(rows, blocks)]
+
+    return run, (w.w_gate, w.w_up, rows, blocks)
+
+
+def check_gate_up(p: Problem, bits: int, out, args, blocks_checked: int = 4) -> float:
+    """Max error of some live blocks of the first routing's fused output against dequantize-then-matmul in
+    float32."""
+    _, _, rows, blocks = args
+    w = p.params[bits]
+    block_expert = np.asarray(blocks[0])
+    bm = rows[0].shape[0] // len(block_expert)
+    live = np.nonzero(block_expert >= 0)[0]
+    worst = 0.0
+    for b in live[np.linspace(0, len(live) - 1, min(blocks_checked, len(live))).astype(int)]:
+        e = int(block_expert[b])
+        g, u = ((dequantize(jax.tree.map(lambda a: a[e], a)) if bits else a[e].astype(jnp.float32))
+                for a in (w.w_gate, w.w_up))
+        r = rows[0][b * bm:(b + 1) * bm].astype(jnp.float32)
+        ref = np.asarray(jax.nn.silu(r @ g) * (r @ u))
+        got = np.asarray(out[0][b * bm:(b + 1) * bm], np.float32)
+        worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
+    return worst
+
+
+def sweep_candidates(per_expert: float, bits: int) -> list[Tiles]:
+    if per_expert <= 32:
+        bms, bns, bks = ([16] if per_expert <= 4 else [16, 32]), [32, 64, 128], [64, 128, 256]
+        launch = [(4, 3), (4, 4)]
+    else:
+        bms, bns, bks = [64, 128], [64, 128, 256], [32, 64, 128]
+        launch = [(4, 3), (8, 3)]
+    if bits == 4:
+        bks = [b for b in bks if b <= 128]
+    return [Tiles(bm, bn, bk, w, s) for bm in bms for bn in bns for bk in bks for w, s in launch]
+
+
+def time_gate_up(p: Problem, tiles_by_key: dict) -> dict:
+    """{(bits, tiles): us per routing (or the error text)}."""
+    jobs, args = {}, {}
+    for key in tiles_by_key:
+        bits, tiles = key
+        fn, a = gate_up_job(p, bits, tiles)
+        jobs[key], args[key] = (fn, a), a
+    compiled = compile_all(jobs)
+    out = {}
+    for key, exe in compiled.items():
+        if isinstance(exe, Exception):
+            out[key] = f"{type(exe).__name__}: {str(exe).splitlines()[0][:80] if str(exe) else ''}"
+            continue
+        a = args[key]
+        err = check_gate_up(p, key[0], exe(*a), a)
+        if not err < 2e-2:
+            out[key] = f"wrong: error {err:.1e}"
+            continue
+        out[key] = _median_us(lambda exe=exe, a=a: exe(*a), len(p.xs))
+    return out
+
+
+def torch_grouped_mm_us(p: Problem) -> float | None:
     try:
         import torch
     except ImportError:
         return None
     if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
         return None
-    x = torch.tensor(x_rows, dtype=torch.bfloat16, device="cuda")
-    w = torch.randn(e, n, d, dtype=torch.bfloat16, device="cuda")  # transformers' layout, transposed per call
-    offs = torch.tensor(np.cumsum(counts), dtype=torch.int32, device="cuda")
-    fn = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # noqa: E731
-    for _ in range(3):
-        fn()
+    w = torch.randn(p.e, 2 * p.f, p.d, dtype=torch.bfloat16, device="cuda")  # transformers' layout
+    calls = []
+    for x, ids in zip(p.xs, p.ids):
+        flat = np.asarray(ids).reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        xs = torch.tensor(np.asarray(x, np.float32)[order // p.k], dtype=torch.bfloat16, device="cuda")
+        offs = torch.tensor(np.cumsum(np.bincount(flat, minlength=p.e)), dtype=torch.int32, device="cuda")
+        calls.append((xs, offs))
+
+    def run():
+        for xs, offs in calls:
+            torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
+
+    run()
     torch.cuda.synchronize()
     times = []
-    for _ in range(20):
+    for _ in range(7):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del w
     return float(np.median(times))
 
 
-def bench_shape(name, tokens, e, d, f, k, rng):
-    x = jnp.asarray(rng.standard_normal((tokens, d)), jnp.bfloat16)
-    logits = jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32)
-    weights, ids = route_reference(logits, RoutingConfig(k))
-    w_gate = jnp.asarray(rng.standard_normal((e, d, f)) * 0.02, jnp.bfloat16)
-    w_up = jnp.asarray(rng.standard_normal((e, d, f)) * 0.02, jnp.bfloat16)
-    w_down = jnp.asarray(rng.standard_normal((e, f, d)) * 0.02, jnp.bfloat16)
-    tiles = choose_tiles(tokens * k, e, d, f)
-
-    @jax.jit
-    def prepare(x, ids):
-        sorted_ids, block_expert, _ = moe_align_block_size(ids, e, tiles.block_m)
-        rows = x[jnp.minimum(sorted_ids // k, tokens - 1)]
-        return rows, block_expert
-
-    rows, block_expert = prepare(x, ids)
-    log = lambda what: print(f"  {name}: {what}", flush=True)  # noqa: E731
-    variants = {"bf16": (w_gate, w_up)}
-    quantize_jit = jax.jit(quantize, static_argnums=(1,))
-    for bits in (8, 4):
-        variants[f"int{bits}"] = (quantize_jit(w_gate, bits), quantize_jit(w_up, bits))
-    results = {}
-    for label, (g, u) in variants.items():
-        fn = jax.jit(lambda rows, be, g=g, u=u: grouped_matmul(rows, be, [g, u], tiles, fuse=True,
-                                                               out_dtype=jnp.bfloat16))
-        results[label] = timeit(fn, rows, block_expert)
-        log(f"{label} {results[label]:.1f} us")
-
-    # Correctness of the whole layer against the reference, in bf16 and int4.
-    params = ExpertWeights(w_gate, w_up, w_down)
-    ref = experts_reference(x, weights, ids, params).astype(jnp.float32)
-    got = experts_pallas(x, weights, ids, params).astype(jnp.float32)
-    err = float(jnp.abs(got - ref).max() / jnp.abs(ref).max())
-    log(f"layer error {err:.1e}")
-    layer_us = timeit(lambda x, w, i: experts_pallas(x, w, i, params), x, weights, ids)
-    ref_layer_us = timeit(jax.jit(lambda x, w, i: experts_reference(x, w, i, params)), x, weights, ids)
-
-    # Peers on the same rows: XLA ragged_dot and torch._grouped_mm over x_sorted @ W_gate_up [E, D, 2F].
-    flat = np.asarray(ids).reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    counts = np.bincount(flat, minlength=e)
-    x_sorted = jnp.asarray(np.asarray(x, np.float32)[order // k], jnp.bfloat16)
-    w_gate_up = jnp.concatenate([w_gate, w_up], axis=-1)
-    sizes = jnp.asarray(counts, jnp.int32)
-    ragged = timeit(jax.jit(lambda a, w, s: jax.lax.ragged_dot(a, w, s)), x_sorted, w_gate_up, sizes)
-    torch_us = torch_grouped_mm_us(np.asarray(x_sorted, np.float32), counts, e, d, 2 * f)
-
-    m = tokens * k
-    active = int((counts > 0).sum())
-    bytes_needed = active * d * 2 * f * 2 + m * d * 2 + m * 2 * f * 2
-    roof = max(bytes_needed / HBM, 2 * m * d * 2 * f / PEAK) * 1e6
-    return dict(name=name, m=m, active=active, mb=bytes_needed / 1e6, roof=roof, ragged=ragged, torch=torch_us,
-                layer=layer_us, ref_layer=ref_layer_us, err=err, **results)
+def peers_and_layers(p: Problem) -> dict:
+    """ragged_dot on the sorted rows, and the whole expert layer: moejax (each weight type) vs the reference."""
+    sizes, sorted_x = [], []
+    for x, ids in zip(p.xs, p.ids):
+        flat = np.asarray(ids).reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        sorted_x.append(x[jnp.asarray(order // p.k)])
+        sizes.append(jnp.asarray(np.bincount(flat, minlength=p.e), jnp.int32))
+    w_gate_up = jnp.concatenate([p.params[0].w_gate, p.params[0].w_up], axis=-1)
+    ragged = jax.jit(lambda xs, w, ss: [jax.lax.ragged_dot(a, w, s) for a, s in zip(xs, ss)])
+    layer = jax.jit(lambda xs, ws, ids, params: [experts_pallas(x, w, i, params, interpret=INTERPRET) for x, w, i in zip(xs, ws, ids)])
+    ref = jax.jit(lambda xs, ws, ids, params: [experts_reference(x, w, i, params) for x, w, i in zip(xs, ws, ids)])
+    jobs = {"ragged": (ragged, (sorted_x, w_gate_up, sizes)), "ref layer": (ref, (p.xs, p.weights, p.ids, p.params[0]))}
+    for bits in BITS:
+        jobs[f"layer {LABEL[bits]}"] = (layer, (p.xs, p.weights, p.ids, p.params[bits]))
+    compiled = compile_all(jobs)
+    out = {}
+    for key, exe in compiled.items():
+        if isinstance(exe, Exception):
+            out[key] = None
+            print(f"  {p.name}: {key} failed: {exe}", flush=True)
+            continue
+        a = jobs[key][1]
+        if key.startswith("layer"):  # the first routing against the reference on the same (dequantized) weights
+            got = np.asarray(exe(*a)[0], np.float32)
+            want = np.asarray(ref(*a)[0], np.float32)
+            out[key + " err"] = float(np.abs(got - want).max() / np.abs(want).max())
+        out[key] = _median_us(lambda exe=exe, a=a: exe(*a), len(p.xs), rounds=5)
+    del w_gate_up
+    return out
 
 
-def bench_routing(rng):
+def rooflines(p: Problem) -> tuple[dict, int]:
+    """Microseconds each weight type needs for x @ W_gate_up at the measured bandwidth and matmul rate."""
+    active = len(np.unique(np.asarray(p.ids[0])))
+    acts = p.m * p.d * 2 + p.m * 2 * p.f * 2
+    flops = 2 * p.m * p.d * 2 * p.f
+    out = {}
+    for bits in BITS:
+        w = active * 2 * p.d * p.f * 2 if bits == 0 else quantized_nbytes((active, p.d, 2 * p.f), bits, jnp.bfloat16)
+        out[bits] = max((w + acts) / HBM, flops / PEAK) * 1e6
+    return out, active
+
+
+def bench_routing(rng, reps: int = 4, sweep: bool = False) -> dict:
     config = RoutingConfig(8, "sigmoid", True, 8, 4, 2.5)
-    logits = jnp.asarray(rng.standard_normal((4096, 256)), jnp.float32)
+    logits = [jnp.asarray(rng.standard_normal((ROUTING_TOKENS, 256)), jnp.float32) for _ in range(reps)]
     bias = jnp.asarray(rng.standard_normal(256) * 0.1, jnp.float32)
-    ref_fn = jax.jit(lambda l, b: route_reference(l, config, b))
-    w_ref, i_ref = ref_fn(logits, bias)
-    w, i = route_pallas(logits, config, bias)
-    same = bool((np.asarray(i) == np.asarray(i_ref)).all())
-    werr = float(np.abs(np.asarray(w) - np.asarray(w_ref)).max())
-    return timeit(lambda l, b: route_pallas(l, config, b), logits, bias), timeit(ref_fn, logits, bias), same, werr
+    settings = [(16, 4)] + ([(bt, w) for bt in (4, 8, 16, 32) for w in (1, 2, 4, 8) if (bt, w) != (16, 4)]
+                            if sweep else [])
+    jobs = {"reference": (jax.jit(lambda ls, b: [route_reference(l, config, b) for l in ls]), (logits, bias))}
+    for bt, w in settings:
+        fn = jax.jit(lambda ls, b, bt=bt, w=w: [route_pallas(l, config, b, block_tokens=bt, num_warps=w,
+                                                                     interpret=INTERPRET) for l in ls])
+        jobs[(bt, w)] = (fn, (logits, bias))
+    compiled = compile_all(jobs)
+    w_ref, i_ref = compiled["reference"](logits, bias)[0]
+    out = {"reference": _median_us(lambda: compiled["reference"](logits, bias), reps)}
+    for key in settings:
+        exe = compiled[key]
+        if isinstance(exe, Exception):
+            print(f"  routing {key} failed: {str(exe)[:100]}", flush=True)
+            continue
+        w, i = exe(logits, bias)[0]
+        same = bool((np.asarray(i) == np.asarray(i_ref)).all())
+        werr = float(np.abs(np.asarray(w) - np.asarray(w_ref)).max())
+        if not same or werr > 1e-5:
+            print(f"  routing {key}: WRONG (ids equal {same}, weight diff {werr:.1e})", flush=True)
+            continue
+        out[key] = _median_us(lambda exe=exe: exe(logits, bias), reps)
+        print(f"  routing block_tokens={key[0]} warps={key[1]}: {out[key]:.1f} us", flush=True)
+    return out
+
+
+def _fmt(v, width=9) -> str:
+    return f"{v:>{width}.1f}" if isinstance(v, float) else f"{'-' if v is None else 'x':>{width}}"
 
 
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES")
-    ap.add_argument("--verbose", action="store_true")
+    ap = argparse.ArgumentParser(prog="moejax bench kernels")
+    ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all six)")
+    ap.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
+    ap.add_argument("--no-layer", action="store_true", help="skip the peers and whole-layer timings")
+    ap.add_argument("--json", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "bench.json"))
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    if args.verbose:
-        ours, ref, same, werr = bench_routing(rng)
-        print(f"routing: pallas {ours:.1f} us, reference {ref:.1f} us, ids equal {same}", flush=True)
-    rows = []
-    for i, shape in enumerate(SHAPES):
-        if args.shapes is not None and i not in args.shapes:
+    results, sweeps = [], {}
+    for index, (name, tokens, e, d, f, k) in enumerate(SHAPES):
+        if args.shapes is not None and index not in args.shapes:
             continue
         t0 = time.time()
-        rows.append(bench_shape(*shape, rng))
-        if args.verbose:
-            print(f"{shape[0]} done in {time.time() - t0:.0f}s: {rows[-1]}", flush=True)
-    head = (f"{'shape':<22}{'M':>6}{'experts':>8}{'MB':>7}{'bf16':>9}{'int8':>9}{'int4':>9}{'ragged_dot':>11}"
-            f"{'torch_gmm':>10}{'roofline':>9}{'bf16/roof':>10}{'bf16/torch':>11}{'layer':>9}{'ref layer':>10}"
-            f"{'layer err':>10}")
-    print("\nx @ W_gate_up (moejax: fused gate/up + silu), microseconds\n" + head + "\n" + "-" * len(head))
-    for r in rows:
-        t = f"{r['torch']:10.1f}" if r["torch"] else f"{'-':>10}"
-        vs_t = f"{r['bf16'] / r['torch']:10.2f}x" if r["torch"] else f"{'-':>11}"
-        print(f"{r['name']:<22}{r['m']:>6}{r['active']:>8}{r['mb']:>7.0f}{r['bf16']:>9.1f}{r['int8']:>9.1f}"
-              f"{r['int4']:>9.1f}{r['ragged']:>11.1f}{t}{r['roof']:>9.1f}{r['bf16'] / r['roof']:>9.2f}x{vs_t}"
-              f"{r['layer']:>9.1f}{r['ref_layer']:>10.1f}{r['err']:>10.1e}")
-    r64 = next((r for r in rows if r["name"] == "qwen3 decode 64"), rows[0])
-    print(f"\n{r64['name']}: int8/bf16 = {r64['int8'] / r64['bf16']:.2f} (target <= 0.6), "
-          f"int4/bf16 = {r64['int4'] / r64['bf16']:.2f} (target <= 0.4)")
-    ours, ref, same, werr = bench_routing(rng)
-    print(f"routing T=4096 E=256 groups 8/4 top-8 sigmoid+bias: pallas {ours:.1f} us, jitted reference {ref:.1f} us, "
-          f"speedup {ref / ours:.2f}x (target >= 2); ids equal: {same}, max weight diff {werr:.1e}")
+        p = build_problem(name, tokens, e, d, f, k, rng, reps=8 if tokens <= 256 else 2)
+        per_expert = p.m / e
+        tuned = {(bits, choose_tiles(p.m, e, d, f, bits)): None for bits in BITS}
+        keys = dict(tuned)
+        if args.sweep:
+            keys.update({(bits, t): None for bits in BITS for t in sweep_candidates(per_expert, bits)})
+        times = time_gate_up(p, keys)
+        row = dict(name=name, m=p.m)
+        for bits in BITS:
+            row[LABEL[bits]] = times[next(key for key in tuned if key[0] == bits)]
+        if args.sweep:
+            for bits in BITS:
+                timed = sorted((v, key[1]) for key, v in times.items() if key[0] == bits and isinstance(v, float))
+                sweeps[(name, LABEL[bits])] = [(v, dataclasses.astuple(t)) for v, t in timed]
+                best = ", ".join(f"{v:.1f} {dataclasses.astuple(t)}" for v, t in timed[:3])
+                failed = sum(1 for key, v in times.items() if key[0] == bits and not isinstance(v, float))
+                print(f"  sweep {name} {LABEL[bits]}: best {best} ({len(timed)} timed, {failed} failed)", flush=True)
+                row[f"best {LABEL[bits]}"] = timed[0][0] if timed else None
+        roofs, active = rooflines(p)
+        row.update(active=active, roof={LABEL[b]: v for b, v in roofs.items()}, torch=torch_grouped_mm_us(p))
+        if not args.no_layer:
+            row.update(peers_and_layers(p))
+        results.append(row)
+        print(f"{name} done in {time.time() - t0:.0f} s: "
+              + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        del p
+    routing = bench_routing(rng, sweep=args.sweep)
+
+    head = (f"{'shape':<21}{'M':>6}{'experts':>8}{'bf16':>9}{'int8':>9}{'int4':>9}{'ragged':>9}{'torch':>9}"
+            f"{'roof16':>9}{'roof8':>9}{'roof4':>9}{'bf16/roof':>10}{'torch/bf16':>11}{'int8/bf16':>10}"
+            f"{'int4/bf16':>10}")
+    lines = ["", "x @ W_gate_up, microseconds (moejax: fused gate/up + silu, tiles from the tuned table)", head,
+             "-" * len(head)]
+    for r in results:
+        ratio = lambda a, b: f"{a / b:>10.2f}" if isinstance(a, float) and isinstance(b, float) else f"{'-':>10}"  # noqa: E731
+        lines.append(f"{r['name']:<21}{r['m']:>6}{r['active']:>8}{_fmt(r['bf16'])}{_fmt(r['int8'])}{_fmt(r['int4'])}"
+                     f"{_fmt(r.get('ragged'))}{_fmt(r['torch'])}{_fmt(r['roof']['bf16'])}{_fmt(r['roof']['int8'])}"
+                     f"{_fmt(r['roof']['int4'])}{ratio(r['bf16'], r['roof']['bf16'])}"
+                     f" {ratio(r['torch'], r['bf16'])}{ratio(r['int8'], r['bf16'])}{ratio(r['int4'], r['bf16'])}")
+    if not args.no_layer:
+        head2 = (f"{'shape':<21}{'layer bf16':>11}{'layer int8':>11}{'layer int4':>11}{'reference':>11}"
+                 f"{'err bf16':>10}{'err int8':>10}{'err int4':>10}")
+        lines += ["", "whole expert layer (align, gather, both kernels, combine), microseconds; errors vs the reference "
+                  "on the same weights", head2, "-" * len(head2)]
+        for r in results:
+            lines.append(f"{r['name']:<21}{_fmt(r.get('layer bf16'), 11)}{_fmt(r.get('layer int8'), 11)}"
+                         f"{_fmt(r.get('layer int4'), 11)}{_fmt(r.get('ref layer'), 11)}"
+                         + "".join(f"{r.get(f'layer {b} err', float('nan')):>10.1e}" for b in ("bf16", "int8", "int4")))
+    ours = routing.get((16, 4))
+    best = min((v, k) for k, v in routing.items() if k != "reference")
+    lines.append(f"\nrouting T={ROUTING_TOKENS} E=256 groups 8/4 top-8 sigmoid+bias: pallas {_fmt(ours, 0)} us (default tiles), "
+                 f"best {best[0]:.1f} us {best[1]}, jitted reference {routing['reference']:.1f} us, speedup "
+                 f"{routing['reference'] / best[0]:.2f}x")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(results=results, routing={str(k): v for k, v in routing.items()},
+                           sweeps={" ".join(k): v for k, v in sweeps.items()}), fh, indent=1)
     return 0
 
 

@@ -1,12 +1,11 @@
 """Routed experts as two Pallas kernels over expert-aligned row blocks (fused_moe's structure).
 
-Assignments are sorted by expert and padded into blocks of `block_m` rows (`moe_align_block_size`), so each
-block belongs to one expert. Kernel 1 computes silu(x @ W_gate) * (x @ W_up) for a block and a column tile
-(both matmuls share the x tile, the activation never leaves registers); kernel 2 computes h @ W_down times
-each row's routing weight. Blocks past the used ones exit at once. Weights are bf16/f32, int8 (per-channel
-scales applied after the K loop) or int4 (two codes a byte along K, dequantized in registers per 128-group:
-the even and odd halves of x meet the low and high nibbles). Rows are gathered and the weighted results summed
-back per token in XLA, which fuses both.
+Assignments are sorted by expert and padded into blocks of `block_m` rows (`align_rows`), so each block belongs
+to one expert. Kernel 1 computes silu(x @ W_gate) * (x @ W_up) for a block and a column tile (both matmuls share
+the x tile; the activation never leaves registers); kernel 2 computes h @ W_down. Blocks past the used ones exit
+at once. Weights are bf16/f32, int8 (per-channel scales applied after the K loop) or int4 (two codes a byte along
+K: the even and odd halves of x meet the low and high nibbles; zero point and group scale applied per K step
+after the dot). XLA gathers the rows before and gathers each token's k weighted results after (no scatter).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax.kernels.align import moe_align_block_size
+from moejax.kernels.align import align_rows
 from moejax.kernels.experts import Activation, ExpertWeights
 from moejax.kernels.quant import QuantizedWeight
 
@@ -32,34 +31,43 @@ class Tiles:
     num_stages: int = 3
 
 
-def choose_tiles(rows: int, num_experts: int, k: int, n: int) -> Tiles:
-    """A small tuned table: few rows per expert -> 16-row blocks and narrow tiles for more parallelism."""
+# Tuned on one H100 (jax 0.11.2, `moejax bench kernels --sweep`): (rows per expert up to, weight bits) -> tiles.
+# Few rows per expert: 16-row blocks and narrow column tiles, so that enough programs stream weights at once;
+# many rows: larger blocks, so that each weight tile is loaded fewer times.
+TUNED: dict[tuple[float, int], Tiles] = {
+    (1, 0): Tiles(16, 64, 128, 4, 3), (1, 8): Tiles(16, 64, 128, 4, 3), (1, 4): Tiles(16, 64, 128, 4, 3),
+    (16, 0): Tiles(16, 64, 128, 4, 3), (16, 8): Tiles(16, 64, 128, 4, 3), (16, 4): Tiles(16, 64, 128, 4, 3),
+    (64, 0): Tiles(32, 64, 128, 4, 3), (64, 8): Tiles(32, 64, 128, 4, 3), (64, 4): Tiles(32, 64, 128, 4, 3),
+    (float("inf"), 0): Tiles(64, 128, 64, 8, 3), (float("inf"), 8): Tiles(64, 128, 64, 8, 3),
+    (float("inf"), 4): Tiles(64, 128, 64, 8, 3),
+}
+
+
+def choose_tiles(rows: int, num_experts: int, k: int, n: int, bits: int = 0) -> Tiles:
+    """Tiles for `rows` assignments over `num_experts` experts of [k, n] weights, from the tuned table."""
     per_expert = rows / max(num_experts, 1)
-    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
-    block_n = 64 if per_expert <= 64 else 128
-    # Shared memory per pipeline stage: x tile plus two weight tiles (gate and up), bf16. Large tiles take a
-    # shorter K step so that 3 stages stay within Hopper's 227 KB.
-    block_k = 128 if block_m <= 32 else 64
-    while k % block_k:
-        block_k //= 2
-    while n % block_n:
-        block_n //= 2
-    return Tiles(block_m, block_n, max(block_k, 16), num_warps=4 if block_m <= 32 else 8, num_stages=3)
+    limit = min(lim for lim, b in TUNED if b == bits and per_expert <= lim)
+    tiles = TUNED[(limit, bits)]
+    return dataclasses.replace(tiles, block_k=_divisor(k, tiles.block_k), block_n=_divisor(n, tiles.block_n))
 
 
-def _load_weight_tile(refs, bits, e, k0, block_k, n0, block_n, x_tile_even, x_tile_odd, x_tile, group_size):
+def _weight_step(refs, bits, e, k0, block_k, n0, block_n, x_tile, x_even, x_odd, group_size):
     """Partial product of one K step for one weight (plain, int8 or int4)."""
     if bits in (0, 8):  # int8 values are exact in bf16; their per-channel scale is applied after the K loop
         w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
         return jnp.dot(x_tile, w.astype(x_tile.dtype), preferred_element_type=jnp.float32)
+    # int4: the K step lies in one quantization group. Codes 0..15 are exact in bf16; the zero point comes off
+    # after the dot as zero * sum_k x (per column), the group scale after that.
     packed = refs[0][e, pl.ds(k0 // 2, block_k // 2), pl.ds(n0, block_n)].astype(jnp.int32)
-    scale = refs[1][e, pl.ds(k0 // group_size, 1), pl.ds(n0, block_n)].astype(jnp.float32)
-    zero = 8.0 if len(refs) < 3 else refs[2][e, pl.ds(k0 // group_size, 1), pl.ds(n0, block_n)].astype(jnp.float32)
-    lo = ((packed & 0xF).astype(jnp.float32) - zero).astype(x_tile_even.dtype)
-    hi = ((packed >> 4).astype(jnp.float32) - zero).astype(x_tile_even.dtype)
-    part = jnp.dot(x_tile_even, lo, preferred_element_type=jnp.float32)
-    part += jnp.dot(x_tile_odd, hi, preferred_element_type=jnp.float32)
-    return part * scale
+    g = k0 // group_size
+    scale = refs[1][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
+    lo = (packed & 0xF).astype(x_even.dtype)
+    hi = (packed >> 4).astype(x_even.dtype)
+    part = jnp.dot(x_even, lo, preferred_element_type=jnp.float32)
+    part += jnp.dot(x_odd, hi, preferred_element_type=jnp.float32)
+    x_sum = (jnp.sum(x_even.astype(jnp.float32), axis=1) + jnp.sum(x_odd.astype(jnp.float32), axis=1))[:, None]
+    zero = 8.0 if len(refs) < 3 else refs[2][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
+    return (part - x_sum * zero) * scale
 
 
 def _finish(acc, refs, bits, e, n0, block_n):
@@ -68,24 +76,14 @@ def _finish(acc, refs, bits, e, n0, block_n):
     return acc
 
 
-def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tiles, k_dim, group_size, fuse,
-                   row_weights):
-    """refs: x (or x_even, x_odd for int4), [row weights], weight refs..., out."""
+def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tiles, k_dim, group_size, fuse):
+    """refs: x (or x_even, x_odd for int4), weight refs..., out."""
     i, j = pl.program_id(0), pl.program_id(1)
     e = block_expert_ref[i]
     out_ref = refs[-1]
-    pos = 0
-    if bits == 4:
-        x_even_ref, x_odd_ref = refs[0], refs[1]
-        pos = 2
-    else:
-        x_ref = refs[0]
-        pos = 1
-    rw_ref = None
-    if row_weights:
-        rw_ref = refs[pos]
-        pos += 1
-    weight_refs = [refs[pos + w * n_refs : pos + (w + 1) * n_refs] for w in range(n_weights)]
+    n_x = 2 if bits == 4 else 1
+    x_refs = refs[:n_x]
+    weight_refs = [refs[n_x + w * n_refs : n_x + (w + 1) * n_refs] for w in range(n_weights)]
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     n0 = j * bn
     rows = pl.ds(i * bm, bm)
@@ -95,24 +93,18 @@ def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tile
         def body(step, accs):
             k0 = step * bk
             if bits == 4:
-                xe = x_even_ref[rows, pl.ds(k0 // 2, bk // 2)]
-                xo = x_odd_ref[rows, pl.ds(k0 // 2, bk // 2)]
                 xt = None
+                xe = x_refs[0][rows, pl.ds(k0 // 2, bk // 2)]
+                xo = x_refs[1][rows, pl.ds(k0 // 2, bk // 2)]
             else:
-                xt = x_ref[rows, pl.ds(k0, bk)]
-                xe = xo = None
-            return tuple(acc + _load_weight_tile(wr, bits, e, k0, bk, n0, bn, xe, xo, xt, group_size)
+                xt, xe, xo = x_refs[0][rows, pl.ds(k0, bk)], None, None
+            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xt, xe, xo, group_size)
                          for acc, wr in zip(accs, weight_refs))
 
         init = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_weights))
         accs = jax.lax.fori_loop(0, k_dim // bk, body, init)
         accs = [_finish(a, wr, bits, e, n0, bn) for a, wr in zip(accs, weight_refs)]
-        if fuse:
-            out = jax.nn.silu(accs[0]) * accs[1]
-        else:
-            out = accs[0]
-        if rw_ref is not None:
-            out = out * rw_ref[rows][:, None]
+        out = jax.nn.silu(accs[0]) * accs[1] if fuse else accs[0]
         out_ref[...] = out.astype(out_ref.dtype)
 
 
@@ -123,48 +115,51 @@ def _weight_refs(w) -> tuple[int, list]:
     return 0, [w]
 
 
-def grouped_matmul(x_rows, block_expert, weights: list, tiles: Tiles, *, fuse: bool, row_weights=None,
-                   out_dtype, interpret: bool = False):
-    """Rows [M_pad, K] (each block of block_m rows owned by block_expert[b]) @ W[e] for each weight in
-    `weights` ([E, K, N], plain or quantized); fuse: silu(first) * second."""
+def grouped_matmul(x_rows, block_expert, weights: list, tiles: Tiles, *, fuse: bool, out_dtype,
+                   interpret: bool = False):
+    """Rows [M_pad, K] (each block of block_m rows owned by block_expert[b], -1: skipped) @ W[e] for each
+    weight in `weights` ([E, K, N], plain or quantized alike); fuse: silu(first) * second."""
     bits, _ = _weight_refs(weights[0])
     flat = []
     group_size = 0
     for w in weights:
         b, arrays = _weight_refs(w)
-        assert b == bits
+        if b != bits:
+            raise ValueError("grouped_matmul: all weights must share one quantization")
         flat += arrays
         if isinstance(w, QuantizedWeight):
             group_size = w.group_size
     k_dim, n_dim = weights[0].shape[-2], weights[0].shape[-1]
     m_pad = x_rows.shape[0]
-    tiles_k = tiles.block_k if bits != 4 else min(tiles.block_k, group_size)
-    tiles = dataclasses.replace(tiles, block_k=tiles_k)
-    if bits == 4:
-        inputs = [x_rows[:, 0::2], x_rows[:, 1::2]]
-    else:
-        inputs = [x_rows]
-    if row_weights is not None:
-        inputs.append(row_weights.astype(jnp.float32))
+    if bits == 4:  # a K step may not straddle two quantization groups
+        tiles = dataclasses.replace(tiles, block_k=min(tiles.block_k, group_size))
+    tiles = dataclasses.replace(tiles, block_k=_divisor(k_dim, tiles.block_k), block_n=_divisor(n_dim, tiles.block_n))
+    inputs = [x_rows[:, 0::2], x_rows[:, 1::2]] if bits == 4 else [x_rows]
     n_refs = len(flat) // len(weights)
     kernel = functools.partial(_matmul_kernel, n_weights=len(weights), bits=bits, n_refs=n_refs, tiles=tiles,
-                               k_dim=k_dim, group_size=group_size, fuse=fuse, row_weights=row_weights is not None)
-    any_spec = pl.no_block_spec  # whole arrays: kernels index them with dynamic expert ids
+                               k_dim=k_dim, group_size=group_size, fuse=fuse)
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
 
         extra["compiler_params"] = plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    full = [any_spec] * (1 + len(inputs) + len(flat))
+    whole = pl.no_block_spec  # whole arrays: the kernel indexes them with the block's expert id
     return pl.pallas_call(
         kernel,
         grid=(m_pad // tiles.block_m, n_dim // tiles.block_n),
-        in_specs=full,
+        in_specs=[whole] * (1 + len(inputs) + len(flat)),
         out_specs=pl.BlockSpec((tiles.block_m, tiles.block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype),
         interpret=interpret,
         **extra,
     )(block_expert, *inputs, *flat)
+
+
+def _divisor(dim: int, block: int) -> int:
+    """The largest power-of-two fraction of `block` that divides `dim` (at least 16)."""
+    while dim % block and block > 16:
+        block //= 2
+    return block
 
 
 def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
@@ -178,32 +173,28 @@ def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
     return d % 16 == 0 and f % 16 == 0
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret", "tiles"))
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "tiles", "down_tiles"))
 def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: Activation = Activation(), *,
-                   interpret: bool = False, tiles: Tiles | None = None):
+                   interpret: bool = False, tiles: Tiles | None = None, down_tiles: Tiles | None = None):
     """Same contract as `experts_reference`."""
     num_tokens, top_k = ids_TK.shape
     num_experts = params.w_gate.shape[0]
     d, f = x_TD.shape[-1], params.w_gate.shape[-1]
-    tiles = tiles or choose_tiles(num_tokens * top_k, num_experts, d, f)
-    # Ids outside [0, E) (another expert-parallel rank's) are dropped: they go to a phantom expert past the end.
-    ids_TK = jnp.where((ids_TK >= 0) & (ids_TK < num_experts), ids_TK, num_experts)
-    sorted_ids, block_expert, _ = moe_align_block_size(ids_TK, num_experts + 1, tiles.block_m)
-    block_expert = jnp.where(block_expert == num_experts, -1, block_expert)
-    sentinel = num_tokens * top_k
-    token_of_row = jnp.minimum(sorted_ids // top_k, num_tokens - 1)
-    x_rows = x_TD[token_of_row]
-    flat_weights = jnp.where(ids_TK < num_experts, weights_TK, 0).reshape(-1)
-    row_weights = jnp.where(sorted_ids < sentinel, flat_weights[jnp.minimum(sorted_ids, sentinel - 1)], 0.0)
-    h_rows = grouped_matmul(x_rows, block_expert, [params.w_gate, params.w_up], tiles, fuse=True,
-                            out_dtype=x_TD.dtype, interpret=interpret)
-    down_tiles = choose_tiles(num_tokens * top_k, num_experts, f, d)
-    down_tiles = dataclasses.replace(down_tiles, block_m=tiles.block_m)
-    y_rows = grouped_matmul(h_rows, block_expert, [params.w_down], down_tiles, fuse=False,
-                            row_weights=row_weights, out_dtype=jnp.float32, interpret=interpret)
-    # Rows of unused blocks were never written: give them no token.
-    valid = (sorted_ids < sentinel) & (block_expert[jnp.arange(sorted_ids.shape[0]) // tiles.block_m] >= 0)
-    target = jnp.where(valid, sorted_ids // top_k, num_tokens)
-    y_TD = jnp.zeros((num_tokens, d), jnp.float32).at[target].add(jnp.where(valid[:, None], y_rows, 0.0),
-                                                                  mode="drop")
-    return y_TD.astype(x_TD.dtype)
+    bits = _weight_refs(params.w_gate)[0]
+    tiles = tiles or choose_tiles(num_tokens * top_k, num_experts, d, f, bits)
+    down_tiles = dataclasses.replace(down_tiles or choose_tiles(num_tokens * top_k, num_experts, f, d, bits),
+                                     block_m=tiles.block_m)
+    # Assignments of other expert-parallel ranks (ids outside [0, E)) take no row.
+    sorted_ids, block_expert, _, row_of_assignment = align_rows(ids_TK, num_experts, tiles.block_m)
+    num_rows = sorted_ids.shape[0]
+    # [rows, embed]: padding rows repeat the last token; they are computed and never read.
+    x_RD = x_TD[jnp.minimum(sorted_ids // top_k, num_tokens - 1)]
+    h_RF = grouped_matmul(x_RD, block_expert, [params.w_gate, params.w_up], tiles, fuse=True,
+                          out_dtype=x_TD.dtype, interpret=interpret)
+    y_RD = grouped_matmul(h_RF, block_expert, [params.w_down], down_tiles, fuse=False, out_dtype=jnp.float32,
+                          interpret=interpret)
+    # Gather each token's k rows back and weight them (rows of skipped assignments were never written).
+    mine_TK = (ids_TK >= 0) & (ids_TK < num_experts)
+    y_TKD = y_RD[jnp.minimum(row_of_assignment, num_rows - 1)].reshape(num_tokens, top_k, d)
+    y_TKD = jnp.where(mine_TK[..., None], weights_TK[..., None].astype(jnp.float32) * y_TKD, 0.0)
+    return jnp.sum(y_TKD, axis=1).astype(x_TD.dtype)

@@ -1,7 +1,9 @@
 """Grouped top-k routing as one fused Pallas kernel: scores, bias, group selection, top-k, renormalize, scale.
 
-One program routes a block of tokens with the whole expert row in registers; selection loops over the (few)
-groups and the top_k slots statically. Ties go to the lower index, as in `jax.lax.top_k`.
+One program routes a block of tokens with the whole expert row in registers. Experts are laid out as
+[groups, experts per group] (both padded to powers of two, as Triton shapes must be), so group scores are one
+reduction over the last axis of a 3-D view; each selection step is one fused argmax (ties go to the lower
+index, as in `jax.lax.top_k`: the layout keeps expert order).
 """
 
 from __future__ import annotations
@@ -17,19 +19,12 @@ from moejax.kernels.routing import RoutingConfig
 NEG = -jnp.inf
 
 
-def _argmax_lowest(values, col, width):
-    """(max, index of its first occurrence) along axis 1."""
-    best = jnp.max(values, axis=1, keepdims=True)
-    idx = jnp.min(jnp.where(values == best, col, width), axis=1, keepdims=True)
-    return best, idx
-
-
-def _routing_kernel(logits_ref, bias_ref, weights_ref, ids_ref, *, num_experts, top_k, n_group, topk_group,
-                    scoring, has_bias, renormalize, scale):
-    logits = logits_ref[...].astype(jnp.float32)  # [tokens, experts (padded to a power of two)]
-    width = logits.shape[1]
+def _routing_kernel(logits_ref, bias_ref, weights_ref, ids_ref, *, groups, group_width, real_groups,
+                    real_group_width, top_k, topk_group, scoring, has_bias, renormalize, scale):
+    logits = logits_ref[...].astype(jnp.float32)  # [tokens, groups * group_width]
+    tokens, width = logits.shape
     col = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    valid = col < num_experts
+    valid = (col % group_width < real_group_width) & (col // group_width < real_groups)
     if scoring == "softmax":
         masked = jnp.where(valid, logits, NEG)
         e = jnp.exp(masked - jnp.max(masked, axis=1, keepdims=True))
@@ -39,70 +34,78 @@ def _routing_kernel(logits_ref, bias_ref, weights_ref, ids_ref, *, num_experts, 
     select = scores + bias_ref[...].astype(jnp.float32) if has_bias else scores
     select = jnp.where(valid, select, NEG)
 
-    if n_group > 1:
-        group_size = num_experts // n_group
-        group = col // group_size
-        group_scores = []
-        for g in range(n_group):
-            in_g = jnp.where(group == g, select, NEG)
-            first, idx = _argmax_lowest(in_g, col, width)
-            if has_bias:  # sum of the group's two best selection scores
-                second = jnp.max(jnp.where(col == idx, NEG, in_g), axis=1, keepdims=True)
-                first = first + second
-            group_scores.append(first)
-        keep = jnp.zeros(select.shape, jnp.bool_)
-        taken = [jnp.zeros(group_scores[0].shape, jnp.bool_) for _ in range(n_group)]
+    if real_groups > 1:
+        # [tokens, groups, experts per group]
+        select_3 = select.reshape(tokens, groups, group_width)
+        group_score = jnp.max(select_3, axis=2)
+        if has_bias:  # the sum of the group's two best selection scores
+            inner = jax.lax.broadcasted_iota(jnp.int32, select_3.shape, 2)
+            first = jnp.argmax(select_3, axis=2)
+            group_score = group_score + jnp.max(jnp.where(inner == first[:, :, None], NEG, select_3), axis=2)
+        gcol = jax.lax.broadcasted_iota(jnp.int32, group_score.shape, 1)
+        group_score = jnp.where(gcol < real_groups, group_score, NEG)
+        keep = jnp.zeros(group_score.shape, jnp.bool_)
         for _ in range(topk_group):
-            best = jnp.full(group_scores[0].shape, NEG)
-            for g in range(n_group):
-                best = jnp.maximum(best, jnp.where(taken[g], NEG, group_scores[g]))
-            chosen = jnp.zeros(best.shape, jnp.bool_)
-            for g in range(n_group):  # the lowest group index among ties
-                pick = (~taken[g]) & (~chosen) & (group_scores[g] == best)
-                taken[g] = taken[g] | pick
-                chosen = chosen | pick
-                keep = keep | (pick & (group == g))
-        select = jnp.where(keep, select, NEG)
+            best = jnp.argmax(jnp.where(keep, NEG, group_score), axis=1)
+            keep = keep | (gcol == best[:, None])
+        select = jnp.where(keep[:, :, None], select_3, NEG).reshape(tokens, width)
 
     k_width = weights_ref.shape[1]
-    kcol = jax.lax.broadcasted_iota(jnp.int32, (logits.shape[0], k_width), 1)
-    out_w = jnp.zeros((logits.shape[0], k_width), jnp.float32)
-    out_i = jnp.zeros((logits.shape[0], k_width), jnp.int32)
+    kcol = jax.lax.broadcasted_iota(jnp.int32, (tokens, k_width), 1)
+    out_w = jnp.zeros((tokens, k_width), jnp.float32)
+    out_i = jnp.zeros((tokens, k_width), jnp.int32)
     for j in range(top_k):
-        _, idx = _argmax_lowest(select, col, width)
-        w = jnp.sum(jnp.where(col == idx, scores, 0.0), axis=1, keepdims=True)
+        idx = jnp.argmax(select, axis=1)[:, None]
+        hit = col == idx
+        w = jnp.sum(jnp.where(hit, scores, 0.0), axis=1, keepdims=True)
         out_w = jnp.where(kcol == j, w, out_w)
         out_i = jnp.where(kcol == j, idx, out_i)
-        select = jnp.where(col == idx, NEG, select)
+        select = jnp.where(hit, NEG, select)
     if renormalize:
         out_w = out_w / jnp.sum(out_w, axis=1, keepdims=True)
     weights_ref[...] = out_w * scale
-    ids_ref[...] = out_i
+    # Column -> expert id: group * real_group_width + position in group.
+    ids_ref[...] = out_i // group_width * real_group_width + out_i % group_width
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("config", "block_tokens", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "block_tokens", "num_warps", "interpret"))
 def route_pallas(router_logits, config: RoutingConfig, correction_bias=None, *, block_tokens: int = 16,
-                 interpret: bool = False):
+                 num_warps: int = 4, interpret: bool = False):
     """Pallas version of `grouped_topk`: (weights float32 [T, k], ids int32 [T, k])."""
     num_tokens, num_experts = router_logits.shape
-    width, k_width = max(_pow2(num_experts), 16), max(_pow2(config.top_k), 2)
+    real_groups = config.n_group
+    if num_experts % real_groups:
+        raise ValueError(f"n_group={real_groups} does not divide the {num_experts} experts")
+    real_width = num_experts // real_groups
+    groups = _pow2(real_groups)
+    group_width = max(_pow2(real_width), 16 // groups if groups < 16 else 1)
+    width = groups * group_width
+    k_width = max(_pow2(config.top_k), 2)
     padded_tokens = pl.cdiv(num_tokens, block_tokens) * block_tokens
-    logits = jnp.pad(router_logits, ((0, padded_tokens - num_tokens), (0, width - num_experts)))
+
+    def to_columns(a, fill):  # [..., E] -> [..., groups * group_width]
+        lead = a.shape[:-1]
+        a = a.reshape(*lead, real_groups, real_width)
+        pad = [(0, 0)] * len(lead) + [(0, groups - real_groups), (0, group_width - real_width)]
+        return jnp.pad(a, pad, constant_values=fill).reshape(*lead, width)
+
+    logits = jnp.pad(to_columns(router_logits, 0), ((0, padded_tokens - num_tokens), (0, 0)))
     bias = jnp.zeros((1, width), jnp.float32) if correction_bias is None else \
-        jnp.pad(correction_bias.astype(jnp.float32), (0, width - num_experts))[None]
+        to_columns(correction_bias.astype(jnp.float32), 0)[None]
     kernel = functools.partial(
-        _routing_kernel, num_experts=num_experts, top_k=config.top_k, n_group=config.n_group,
-        topk_group=config.topk_group, scoring=config.scoring_func, has_bias=correction_bias is not None,
-        renormalize=config.renormalize, scale=config.routed_scaling_factor)
+        _routing_kernel, groups=groups, group_width=group_width, real_groups=real_groups,
+        real_group_width=real_width, top_k=config.top_k, topk_group=config.topk_group,
+        scoring=config.scoring_func, has_bias=correction_bias is not None, renormalize=config.renormalize,
+        scale=config.routed_scaling_factor)
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
 
-        extra["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=1)
+        extra["compiler_params"] = plt.CompilerParams(num_warps=num_warps, num_stages=1)
     weights, ids = pl.pallas_call(
         kernel,
         grid=(padded_tokens // block_tokens,),

@@ -18,6 +18,8 @@ ROUTINGS = [
     (RoutingConfig(2, "softmax", True), 8, False),  # Mixtral
     (RoutingConfig(4, "softmax", False), 60, False),  # Qwen1.5-MoE: 60 experts, no renormalization
     (RoutingConfig(8, "softmax", True), 128, False),  # Qwen3
+    (RoutingConfig(6, "softmax", False, 8, 3, 16.0), 160, False),  # DeepSeek-V2: 20 experts a group
+    (RoutingConfig(2, "sigmoid", True, 3, 2), 24, True),  # a group count that is not a power of two
 ]
 
 
@@ -109,3 +111,26 @@ def test_models_give_same_logits_through_kernels(hf_model_dir, family):
     finally:
         kernels.set_backend("auto")
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("tokens, top_k, num_experts, block", [(1, 8, 128, 16), (64, 8, 128, 16), (37, 2, 8, 4)])
+def test_align_rows_tight_and_invertible(tokens, top_k, num_experts, block):
+    from moejax.kernels.align import align_rows, tight_rows
+
+    rng = np.random.default_rng()
+    ids = np.stack([rng.choice(num_experts + 4, top_k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    ids[ids >= num_experts] = -1 - ids[ids >= num_experts]  # other ranks' experts, on both sides of [0, E)
+    ids[0] = np.arange(top_k) * (num_experts // top_k)  # token 0 routes inside the range
+    sorted_ids, block_expert, total, row_of = (np.asarray(a) for a in align_rows(jnp.asarray(ids), num_experts, block))
+    n = tokens * top_k
+    assert sorted_ids.shape == (tight_rows(n, num_experts, block),) and len(block_expert) * block == len(sorted_ids)
+    flat = ids.reshape(-1)
+    mine = (flat >= 0) & (flat < num_experts)
+    assert (row_of[~mine] == len(sorted_ids)).all()  # skipped assignments take no row
+    assert (sorted_ids[row_of[mine]] == np.nonzero(mine)[0]).all()  # row_of inverts sorted_ids
+    assert (block_expert[row_of[mine] // block] == flat[mine]).all()
+    assert total == sum(-(-c // block) * block for c in np.bincount(flat[mine], minlength=num_experts))
+    # The bound is reached when every assignment has its own expert.
+    worst = np.arange(n, dtype=np.int32).reshape(tokens, top_k) % num_experts
+    rows = np.asarray(align_rows(jnp.asarray(worst), num_experts, block)[0])
+    assert sorted((rows[rows < n]).tolist()) == list(range(n))

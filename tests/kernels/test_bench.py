@@ -1,0 +1,21 @@
+"""The kernel benchmark script runs end to end (interpreted kernels on tiny shapes) and checks what it times."""
+
+import json
+
+from moejax.kernels import bench
+
+
+def test_bench_prints_table_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SHAPES", [("tiny decode", 2, 8, 128, 32, 2), ("tiny prefill", 48, 4, 128, 32, 2)])
+    monkeypatch.setattr(bench, "ROUTING_TOKENS", 32)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tiny decode" in text and "tiny prefill" in text and "routing T=32" in text
+    data = json.loads(out.read_text())
+    for row in data["results"]:
+        for label in ("bf16", "int8", "int4", "layer bf16", "ref layer", "ragged"):
+            assert isinstance(row[label], float) and row[label] > 0, (row["name"], label, row[label])
+        for label in ("bf16", "int8", "int4"):
+            assert row[f"layer {label} err"] < 3e-2
+    assert data["routing"]["reference"] > 0 and data["routing"]["(16, 4)"] > 0
