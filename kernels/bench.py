@@ -158,15 +158,15 @@ def check_gate_up(p: Problem, bits: int, out, args, blocks_checked: int = 4) -> 
 
 
 def sweep_candidates(per_expert: float, bits: int) -> list[Tiles]:
-    if per_expert <= 32:
-        bms, bns, bks = ([16] if per_expert <= 4 else [16, 32]), [32, 64, 128], [64, 128, 256]
-        launch = [(4, 3), (4, 4)]
+    if per_expert <= 1:  # a handful of experts with a row each: split K for parallelism
+        grid = dict(bm=[16], bn=[32, 64, 128], bk=[64, 128], split=[1, 2, 4, 8], launch=[(4, 3), (4, 4)])
+    elif per_expert <= 32:
+        grid = dict(bm=[16, 32], bn=[64, 128, 256], bk=[64, 128], split=[1, 2], launch=[(4, 3), (4, 4), (8, 3)])
     else:
-        bms, bns, bks = [64, 128], [64, 128, 256], [32, 64, 128]
-        launch = [(4, 3), (8, 3)]
-    if bits == 4:
-        bks = [b for b in bks if b <= 128]
-    return [Tiles(bm, bn, bk, w, s) for bm in bms for bn in bns for bk in bks for w, s in launch]
+        grid = dict(bm=[64, 128], bn=[64, 128, 256], bk=[32, 64, 128], split=[1], launch=[(4, 3), (8, 3), (8, 4)])
+    bks = [b for b in grid["bk"] if bits != 4 or b <= 128]
+    return [Tiles(bm, bn, bk, w, st, sk) for bm in grid["bm"] for bn in grid["bn"] for bk in bks
+            for sk in grid["split"] for w, st in grid["launch"]]
 
 
 def time_gate_up(p: Problem, tiles_by_key: dict) -> dict:
@@ -273,8 +273,7 @@ def bench_routing(rng, reps: int = 4, sweep: bool = False) -> dict:
     config = RoutingConfig(8, "sigmoid", True, 8, 4, 2.5)
     logits = [jnp.asarray(rng.standard_normal((ROUTING_TOKENS, 256)), jnp.float32) for _ in range(reps)]
     bias = jnp.asarray(rng.standard_normal(256) * 0.1, jnp.float32)
-    settings = [(16, 4)] + ([(bt, w) for bt in (4, 8, 16, 32) for w in (1, 2, 4, 8) if (bt, w) != (16, 4)]
-                            if sweep else [])
+    settings = [(4, 2)] + ([(bt, w) for bt in (2, 4, 8, 16) for w in (1, 2, 4) if (bt, w) != (4, 2)] if sweep else [])
     jobs = {"reference": (jax.jit(lambda ls, b: [route_reference(l, config, b) for l in ls]), (logits, bias))}
     for bt, w in settings:
         fn = jax.jit(lambda ls, b, bt=bt, w=w: [route_pallas(l, config, b, block_tokens=bt, num_warps=w,
@@ -367,7 +366,7 @@ def main(argv=None) -> int:
             lines.append(f"{r['name']:<21}{_fmt(r.get('layer bf16'), 11)}{_fmt(r.get('layer int8'), 11)}"
                          f"{_fmt(r.get('layer int4'), 11)}{_fmt(r.get('ref layer'), 11)}"
                          + "".join(f"{r.get(f'layer {b} err', float('nan')):>10.1e}" for b in ("bf16", "int8", "int4")))
-    ours = routing.get((16, 4))
+    ours = routing.get((4, 2))
     best = min((v, k) for k, v in routing.items() if k != "reference")
     lines.append(f"\nrouting T={ROUTING_TOKENS} E=256 groups 8/4 top-8 sigmoid+bias: pallas {_fmt(ours, 0)} us (default tiles), "
                  f"best {best[0]:.1f} us {best[1]}, jitted reference {routing['reference']:.1f} us, speedup "

@@ -29,15 +29,16 @@ class Tiles:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # > 1: programs also split K and write float32 partials that XLA sums (decode: more programs)
 
 
 # Tuned on one H100 (jax 0.11.2, `moejax bench kernels --sweep`): (rows per expert up to, weight bits) -> tiles.
 # Few rows per expert: 16-row blocks and narrow column tiles, so that enough programs stream weights at once;
 # many rows: larger blocks, so that each weight tile is loaded fewer times.
 TUNED: dict[tuple[float, int], Tiles] = {
-    (1, 0): Tiles(16, 64, 128, 4, 3), (1, 8): Tiles(16, 64, 128, 4, 3), (1, 4): Tiles(16, 64, 128, 4, 3),
-    (16, 0): Tiles(16, 64, 128, 4, 3), (16, 8): Tiles(16, 64, 128, 4, 3), (16, 4): Tiles(16, 64, 128, 4, 3),
-    (64, 0): Tiles(32, 64, 128, 4, 3), (64, 8): Tiles(32, 64, 128, 4, 3), (64, 4): Tiles(32, 64, 128, 4, 3),
+    (1, 0): Tiles(16, 64, 128, 4, 3), (1, 8): Tiles(16, 64, 64, 4, 4), (1, 4): Tiles(16, 32, 64, 4, 3),
+    (8, 0): Tiles(16, 128, 64, 4, 3), (8, 8): Tiles(16, 128, 64, 4, 4), (8, 4): Tiles(16, 128, 64, 4, 3),
+    (32, 0): Tiles(32, 128, 64, 4, 3), (32, 8): Tiles(32, 128, 64, 4, 4), (32, 4): Tiles(16, 128, 64, 4, 4),
     (float("inf"), 0): Tiles(64, 128, 64, 8, 3), (float("inf"), 8): Tiles(64, 128, 64, 8, 3),
     (float("inf"), 4): Tiles(64, 128, 64, 8, 3),
 }
@@ -51,23 +52,38 @@ def choose_tiles(rows: int, num_experts: int, k: int, n: int, bits: int = 0) -> 
     return dataclasses.replace(tiles, block_k=_divisor(k, tiles.block_k), block_n=_divisor(n, tiles.block_n))
 
 
-def _weight_step(refs, bits, e, k0, block_k, n0, block_n, x_tile, x_even, x_odd, group_size):
+def _int4_codes(packed, dtype):
+    """uint8 codes (two a byte) -> (128 + low nibble, 128 + high nibble) in `dtype`, exactly.
+
+    For bf16/f32 the nibble goes straight into the mantissa of 128.0 (one OR and a bitcast, no conversion
+    instructions); the caller subtracts 128 with the zero point after the dot."""
+    if dtype == jnp.bfloat16:  # 128.0 is 0x4300; its last mantissa bit is worth 1
+        wide = packed.astype(jnp.int16)
+        return (jax.lax.bitcast_convert_type((wide & 0xF) | 0x4300, dtype),
+                jax.lax.bitcast_convert_type(((wide >> 4) & 0xF) | 0x4300, dtype))
+    if dtype == jnp.float32:  # 128.0 is 0x43000000; mantissa bit 16 is worth 1
+        wide = packed.astype(jnp.int32)
+        return (jax.lax.bitcast_convert_type(((wide & 0xF) << 16) | 0x43000000, dtype),
+                jax.lax.bitcast_convert_type(((wide & 0xF0) << 12) | 0x43000000, dtype))
+    wide = packed.astype(jnp.int32)
+    return (wide & 0xF).astype(dtype) + 128, (wide >> 4).astype(dtype) + 128
+
+
+def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, x_sum, group_size):
     """Partial product of one K step for one weight (plain, int8 or int4)."""
     if bits in (0, 8):  # int8 values are exact in bf16; their per-channel scale is applied after the K loop
         w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
-        return jnp.dot(x_tile, w.astype(x_tile.dtype), preferred_element_type=jnp.float32)
-    # int4: the K step lies in one quantization group. Codes 0..15 are exact in bf16; the zero point comes off
-    # after the dot as zero * sum_k x (per column), the group scale after that.
-    packed = refs[0][e, pl.ds(k0 // 2, block_k // 2), pl.ds(n0, block_n)].astype(jnp.int32)
+        return jnp.dot(xs[0], w.astype(xs[0].dtype), preferred_element_type=jnp.float32)
+    # int4: the K step lies in one quantization group; the even and odd halves of x meet the low and high
+    # nibbles. (128 + zero) * sum_k x comes off after the dot (per column), then the group scale.
+    packed = refs[0][e, pl.ds(k0 // 2, block_k // 2), pl.ds(n0, block_n)]
     g = k0 // group_size
     scale = refs[1][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
-    lo = (packed & 0xF).astype(x_even.dtype)
-    hi = (packed >> 4).astype(x_even.dtype)
-    part = jnp.dot(x_even, lo, preferred_element_type=jnp.float32)
-    part += jnp.dot(x_odd, hi, preferred_element_type=jnp.float32)
-    x_sum = (jnp.sum(x_even.astype(jnp.float32), axis=1) + jnp.sum(x_odd.astype(jnp.float32), axis=1))[:, None]
+    lo, hi = _int4_codes(packed, xs[0].dtype)
+    part = jnp.dot(xs[0], lo, preferred_element_type=jnp.float32)
+    part += jnp.dot(xs[1], hi, preferred_element_type=jnp.float32)
     zero = 8.0 if len(refs) < 3 else refs[2][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
-    return (part - x_sum * zero) * scale
+    return (part - x_sum * (zero + 128.0)) * scale
 
 
 def _finish(acc, refs, bits, e, n0, block_n):
@@ -77,35 +93,43 @@ def _finish(acc, refs, bits, e, n0, block_n):
 
 
 def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tiles, k_dim, group_size, fuse):
-    """refs: x (or x_even, x_odd for int4), weight refs..., out."""
-    i, j = pl.program_id(0), pl.program_id(1)
+    """refs: x (or x_even, x_odd for int4), weight refs..., outputs (one, or one float32 partial
+    per weight when K is split)."""
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = block_expert_ref[i]
-    out_ref = refs[-1]
     n_x = 2 if bits == 4 else 1
     x_refs = refs[:n_x]
     weight_refs = [refs[n_x + w * n_refs : n_x + (w + 1) * n_refs] for w in range(n_weights)]
+    out_refs = refs[n_x + n_weights * n_refs:]
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     n0 = j * bn
     rows = pl.ds(i * bm, bm)
+    steps = k_dim // bk // tiles.split_k
 
     @pl.when(e >= 0)
     def _():
         def body(step, accs):
-            k0 = step * bk
+            k_step = s * steps + step
+            k0 = k_step * bk
             if bits == 4:
-                xt = None
-                xe = x_refs[0][rows, pl.ds(k0 // 2, bk // 2)]
-                xo = x_refs[1][rows, pl.ds(k0 // 2, bk // 2)]
+                xs = (x_refs[0][rows, pl.ds(k0 // 2, bk // 2)], x_refs[1][rows, pl.ds(k0 // 2, bk // 2)])
+                # From the very tiles the dot reads: a sum precomputed in XLA may skip the rounding to x's
+                # dtype (excess precision), and the zero-point term amplifies any mismatch ~100x.
+                x_sum = jnp.sum(xs[0].astype(jnp.float32) + xs[1].astype(jnp.float32), axis=1)[:, None]
             else:
-                xt, xe, xo = x_refs[0][rows, pl.ds(k0, bk)], None, None
-            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xt, xe, xo, group_size)
+                xs, x_sum = (x_refs[0][rows, pl.ds(k0, bk)],), None
+            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, x_sum, group_size)
                          for acc, wr in zip(accs, weight_refs))
 
         init = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_weights))
-        accs = jax.lax.fori_loop(0, k_dim // bk, body, init)
+        accs = jax.lax.fori_loop(0, steps, body, init)
         accs = [_finish(a, wr, bits, e, n0, bn) for a, wr in zip(accs, weight_refs)]
-        out = jax.nn.silu(accs[0]) * accs[1] if fuse else accs[0]
-        out_ref[...] = out.astype(out_ref.dtype)
+        if tiles.split_k > 1:
+            for acc, out_ref in zip(accs, out_refs):
+                out_ref[...] = acc
+        else:
+            out = jax.nn.silu(accs[0]) * accs[1] if fuse else accs[0]
+            out_refs[0][...] = out.astype(out_refs[0].dtype)
 
 
 def _weight_refs(w) -> tuple[int, list]:
@@ -134,7 +158,14 @@ def grouped_matmul(x_rows, block_expert, weights: list, tiles: Tiles, *, fuse: b
     if bits == 4:  # a K step may not straddle two quantization groups
         tiles = dataclasses.replace(tiles, block_k=min(tiles.block_k, group_size))
     tiles = dataclasses.replace(tiles, block_k=_divisor(k_dim, tiles.block_k), block_n=_divisor(n_dim, tiles.block_n))
-    inputs = [x_rows[:, 0::2], x_rows[:, 1::2]] if bits == 4 else [x_rows]
+    split = tiles.split_k
+    while (k_dim // tiles.block_k) % split:
+        split //= 2
+    tiles = dataclasses.replace(tiles, split_k=max(split, 1))
+    if bits == 4:
+        inputs = [x_rows[:, 0::2], x_rows[:, 1::2]]
+    else:
+        inputs = [x_rows]
     n_refs = len(flat) // len(weights)
     kernel = functools.partial(_matmul_kernel, n_weights=len(weights), bits=bits, n_refs=n_refs, tiles=tiles,
                                k_dim=k_dim, group_size=group_size, fuse=fuse)
@@ -144,15 +175,26 @@ def grouped_matmul(x_rows, block_expert, weights: list, tiles: Tiles, *, fuse: b
 
         extra["compiler_params"] = plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     whole = pl.no_block_spec  # whole arrays: the kernel indexes them with the block's expert id
-    return pl.pallas_call(
+    grid = (m_pad // tiles.block_m, n_dim // tiles.block_n, tiles.split_k)
+    if tiles.split_k > 1:
+        out_specs = [pl.BlockSpec((None, tiles.block_m, tiles.block_n), lambda i, j, s: (s, i, j))] * len(weights)
+        out_shape = [jax.ShapeDtypeStruct((tiles.split_k, m_pad, n_dim), jnp.float32)] * len(weights)
+    else:
+        out_specs = [pl.BlockSpec((tiles.block_m, tiles.block_n), lambda i, j, s: (i, j))]
+        out_shape = [jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)]
+    outs = pl.pallas_call(
         kernel,
-        grid=(m_pad // tiles.block_m, n_dim // tiles.block_n),
+        grid=grid,
         in_specs=[whole] * (1 + len(inputs) + len(flat)),
-        out_specs=pl.BlockSpec((tiles.block_m, tiles.block_n), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         **extra,
     )(block_expert, *inputs, *flat)
+    if tiles.split_k == 1:
+        return outs[0]
+    sums = [o.sum(0) for o in outs]
+    return (jax.nn.silu(sums[0]) * sums[1] if fuse else sums[0]).astype(out_dtype)
 
 
 def _divisor(dim: int, block: int) -> int:

@@ -73,9 +73,11 @@ def _pow2(n: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "block_tokens", "num_warps", "interpret"))
-def route_pallas(router_logits, config: RoutingConfig, correction_bias=None, *, block_tokens: int = 16,
-                 num_warps: int = 4, interpret: bool = False):
-    """Pallas version of `grouped_topk`: (weights float32 [T, k], ids int32 [T, k])."""
+def route_pallas(router_logits, config: RoutingConfig, correction_bias=None, *, block_tokens: int = 4,
+                 num_warps: int = 2, interpret: bool = False):
+    """Pallas version of `grouped_topk`: (weights float32 [T, k], ids int32 [T, k]).
+
+    Small token blocks and few warps were fastest on an H100 (4 tokens, 2 warps: 50 us at T=4096, E=256)."""
     num_tokens, num_experts = router_logits.shape
     real_groups = config.n_group
     if num_experts % real_groups:

@@ -18,4 +18,4 @@ def test_bench_prints_table_and_json(tmp_path, monkeypatch, capsys):
             assert isinstance(row[label], float) and row[label] > 0, (row["name"], label, row[label])
         for label in ("bf16", "int8", "int4"):
             assert row[f"layer {label} err"] < 3e-2
-    assert data["routing"]["reference"] > 0 and data["routing"]["(16, 4)"] > 0
+    assert data["routing"]["reference"] > 0 and data["routing"]["(4, 2)"] > 0

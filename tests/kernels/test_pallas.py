@@ -81,14 +81,32 @@ def test_bf16_experts_within_1e2(tokens):
     assert np.abs(np.asarray(got, np.float32) - ref).max() / np.abs(ref).max() < 1e-2
 
 
-@pytest.mark.parametrize("bits, zero_point", [(8, False), (4, False), (4, True)])
-def test_quantized_experts_equal_dequantized_matmul(bits, zero_point):
+@pytest.mark.parametrize("bits, zero_point, split_k", [(8, False, 1), (4, False, 1), (4, True, 1), (8, False, 2),
+                                                     (4, True, 4)])
+def test_quantized_experts_equal_dequantized_matmul(bits, zero_point, split_k):
     x, w, ids, params = _problem(20, 256, 64, 8, 2, jnp.float32)
     quantized = ExpertWeights(*[quantize(p, bits, group_size=128, zero_point=zero_point) for p in params])
     ref = np.asarray(experts_reference(x, w, ids, quantized))  # dequantize, then float32 matmuls
     got = np.asarray(experts_pallas(x, w, ids, quantized, interpret=True,
-                                    tiles=Tiles(block_m=16, block_n=32, block_k=64)))
+                                    tiles=Tiles(block_m=16, block_n=32, block_k=64, split_k=split_k)))
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_bf16_activations_with_split_k(bits):
+    """bf16 activations take the bit-level int4 decoding; split K sums float32 partials outside the kernel."""
+    x, w, ids, params = _problem(6, 256, 64, 8, 2, jnp.float32)
+    if bits:
+        params = [quantize(jnp.asarray(p, jnp.bfloat16), bits, group_size=128, zero_point=bits == 4) for p in params]
+    else:
+        params = [jnp.asarray(p, jnp.bfloat16) for p in params]
+    weights = ExpertWeights(*params)
+    ref = np.asarray(experts_reference(x, w, ids, weights))  # float32 activations, same weights
+    for split_k in (1, 2):
+        got = experts_pallas(x.astype(jnp.bfloat16), w, ids, weights, interpret=True,
+                             tiles=Tiles(block_m=16, block_n=32, block_k=64, split_k=split_k),
+                             down_tiles=Tiles(block_m=16, block_n=64, block_k=32, split_k=split_k))
+        assert np.abs(np.asarray(got, np.float32) - ref).max() / np.abs(ref).max() < 1e-2
 
 
 def test_other_ranks_ids_are_skipped():
