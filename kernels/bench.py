@@ -119,14 +119,18 @@ def build_problem(name, tokens, e, d, f, k, rng, reps) -> Problem:
     return Problem(name, tokens, e, d, f, k, xs, ws, ids, params)
 
 
-def gate_up_job(p: Problem, bits: int, tiles: Tiles):
-    """A jitted call running the fused gate/up kernel on every routing, and its arguments."""
-    align = jax.jit(lambda i: align_rows(i, p.e, tiles.block_m))
-    rows, blocks = [], []
-    for x, ids in zip(p.xs, p.ids):
-        sorted_ids, block_expert, _, _ = align(ids)
-        rows.append(x[jnp.minimum(sorted_ids // p.k, p.tokens - 1)])
-        blocks.append(block_expert)
+def gate_up_job(p: Problem, bits: int, tiles: Tiles, rows_cache: dict):
+    """A jitted call running the fused gate/up kernel on every routing, and its arguments (aligned rows are
+    shared by all tiles with the same block_m)."""
+    if tiles.block_m not in rows_cache:
+        align = jax.jit(lambda i: align_rows(i, p.e, tiles.block_m))
+        rows, blocks = [], []
+        for x, ids in zip(p.xs, p.ids):
+            sorted_ids, block_expert, _, _ = align(ids)
+            rows.append(x[jnp.minimum(sorted_ids // p.k, p.tokens - 1)])
+            blocks.append(block_expert)
+        rows_cache[tiles.block_m] = rows, blocks
+    rows, blocks = rows_cache[tiles.block_m]
     w = p.params[bits]
 
     @jax.jit
@@ -161,9 +165,9 @@ def sweep_candidates(per_expert: float, bits: int) -> list[Tiles]:
     if per_expert <= 1:  # a handful of experts with a row each: split K for parallelism
         grid = dict(bm=[16], bn=[32, 64, 128], bk=[64, 128], split=[1, 2, 4, 8], launch=[(4, 3), (4, 4)])
     elif per_expert <= 32:
-        grid = dict(bm=[16, 32], bn=[64, 128, 256], bk=[64, 128], split=[1, 2], launch=[(4, 3), (4, 4), (8, 3)])
+        grid = dict(bm=[16, 32], bn=[64, 128, 256], bk=[64, 128], split=[1], launch=[(4, 3), (4, 4)])
     else:
-        grid = dict(bm=[64, 128], bn=[64, 128, 256], bk=[32, 64, 128], split=[1], launch=[(4, 3), (8, 3), (8, 4)])
+        grid = dict(bm=[64, 128], bn=[128, 256], bk=[32, 64], split=[1], launch=[(4, 3), (8, 3), (8, 4)])
     bks = [b for b in grid["bk"] if bits != 4 or b <= 128]
     return [Tiles(bm, bn, bk, w, st, sk) for bm in grid["bm"] for bn in grid["bn"] for bk in bks
             for sk in grid["split"] for w, st in grid["launch"]]
@@ -171,10 +175,10 @@ def sweep_candidates(per_expert: float, bits: int) -> list[Tiles]:
 
 def time_gate_up(p: Problem, tiles_by_key: dict) -> dict:
     """{(bits, tiles): us per routing (or the error text)}."""
-    jobs, args = {}, {}
+    jobs, args, rows_cache = {}, {}, {}
     for key in tiles_by_key:
         bits, tiles = key
-        fn, a = gate_up_job(p, bits, tiles)
+        fn, a = gate_up_job(p, bits, tiles, rows_cache)
         jobs[key], args[key] = (fn, a), a
     compiled = compile_all(jobs)
     out = {}

@@ -36,8 +36,8 @@ class Tiles:
 # Few rows per expert: 16-row blocks and narrow column tiles, so that enough programs stream weights at once;
 # many rows: larger blocks, so that each weight tile is loaded fewer times.
 TUNED: dict[tuple[float, int], Tiles] = {
-    (1, 0): Tiles(16, 64, 128, 4, 3), (1, 8): Tiles(16, 64, 64, 4, 4), (1, 4): Tiles(16, 32, 64, 4, 3),
-    (8, 0): Tiles(16, 128, 64, 4, 3), (8, 8): Tiles(16, 128, 64, 4, 4), (8, 4): Tiles(16, 128, 64, 4, 3),
+    (1, 0): Tiles(16, 64, 128, 4, 3), (1, 8): Tiles(16, 64, 64, 4, 4), (1, 4): Tiles(16, 64, 128, 4, 3, 4),
+    (8, 0): Tiles(16, 128, 64, 4, 3), (8, 8): Tiles(16, 256, 64, 4, 3), (8, 4): Tiles(16, 256, 64, 8, 3, 2),
     (32, 0): Tiles(32, 128, 64, 4, 3), (32, 8): Tiles(32, 128, 64, 4, 4), (32, 4): Tiles(16, 128, 64, 4, 4),
     (float("inf"), 0): Tiles(64, 128, 64, 8, 3), (float("inf"), 8): Tiles(64, 128, 64, 8, 3),
     (float("inf"), 4): Tiles(64, 128, 64, 8, 3),
