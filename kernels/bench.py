@@ -9,8 +9,8 @@ ragged_dot reference). Then routing (T=4096, E=256, 8 groups, top-4 groups, top-
 jitted pure-JAX reference. `--sweep` first times a grid of tiles per shape and weight type and prints the best.
 
 Method: every figure is the median of several rounds, each a single jitted call that runs the op on R different
-routings back to back (R=8 for decode), so that host dispatch is amortized and decode weights do not sit in L2
-between calls; torch is timed with CUDA events over the same R routings. Every kernel is checked against its
+routings back to back (R=8 for decode, 1 for prefill), so that host dispatch is amortized and decode weights do
+not sit in L2 between calls; quantized prefill includes dequantizing the weights (what the layer does there); torch is timed with CUDA events over the same R routings. Every kernel is checked against its
 reference before it is timed. Compilation runs in a thread pool.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from moejax.kernels.align import align_rows
 from moejax.kernels.experts import ExpertWeights, experts_reference
-from moejax.kernels.pallas_experts import Tiles, choose_tiles, experts_pallas, grouped_matmul
+from moejax.kernels.pallas_experts import DEQUANTIZE_ABOVE, Tiles, choose_tiles, experts_pallas, grouped_matmul
 from moejax.kernels.pallas_routing import route_pallas
 from moejax.kernels.quant import dequantize, quantize, quantized_nbytes
 from moejax.kernels.routing import RoutingConfig, route_reference
@@ -133,8 +133,12 @@ def gate_up_job(p: Problem, bits: int, tiles: Tiles, rows_cache: dict):
     rows, blocks = rows_cache[tiles.block_m]
     w = p.params[bits]
 
+    dequantize_first = bits and p.m / p.e > DEQUANTIZE_ABOVE  # what experts_pallas does for prefill
+
     @jax.jit
     def run(g, u, rows, blocks):
+        if dequantize_first:
+            g, u = dequantize(g, jnp.bfloat16), dequantize(u, jnp.bfloat16)
         return [grouped_matmul(r, b, [g, u], tiles, fuse=True, out_dtype=jnp.bfloat16,
                                interpret=INTERPRET) for r, b in zip(rows, blocks)]
 
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
         if args.shapes is not None and index not in args.shapes:
             continue
         t0 = time.time()
-        p = build_problem(name, tokens, e, d, f, k, rng, reps=8 if tokens <= 256 else 2)
+        p = build_problem(name, tokens, e, d, f, k, rng, reps=8 if tokens <= 256 else 1)
         per_expert = p.m / e
         tuned = {(bits, choose_tiles(p.m, e, d, f, bits)): None for bits in BITS}
         keys = dict(tuned)

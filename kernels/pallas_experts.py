@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 
 from moejax.kernels.align import align_rows
 from moejax.kernels.experts import Activation, ExpertWeights
-from moejax.kernels.quant import QuantizedWeight
+from moejax.kernels.quant import QuantizedWeight, dequantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +38,20 @@ class Tiles:
 TUNED: dict[tuple[float, int], Tiles] = {
     (1, 0): Tiles(16, 64, 128, 4, 3), (1, 8): Tiles(16, 64, 64, 4, 4), (1, 4): Tiles(16, 64, 128, 4, 3, 4),
     (8, 0): Tiles(16, 128, 64, 4, 3), (8, 8): Tiles(16, 256, 64, 4, 3), (8, 4): Tiles(16, 256, 64, 8, 3, 2),
-    (32, 0): Tiles(32, 128, 64, 4, 3), (32, 8): Tiles(32, 128, 64, 4, 4), (32, 4): Tiles(16, 128, 64, 4, 4),
-    (float("inf"), 0): Tiles(64, 128, 64, 8, 3), (float("inf"), 8): Tiles(64, 128, 64, 8, 3),
-    (float("inf"), 4): Tiles(64, 128, 64, 8, 3),
+    (32, 0): Tiles(32, 128, 128, 4, 3), (32, 8): Tiles(32, 128, 64, 4, 4), (32, 4): Tiles(16, 128, 64, 4, 3),
+    (512, 0): Tiles(64, 256, 64, 8, 3), (float("inf"), 0): Tiles(128, 128, 64, 8, 3),
 }
+# Past this many rows per expert, quantized weights are dequantized once per layer and the bf16 kernel runs:
+# the in-register dequantization is paid once per row block, and with many blocks per expert it costs more
+# than writing and reading the bf16 copy (H100: Qwen3 prefill int4 1.9 ms in-kernel vs ~1.1 ms).
+DEQUANTIZE_ABOVE = 32
 
 
 def choose_tiles(rows: int, num_experts: int, k: int, n: int, bits: int = 0) -> Tiles:
     """Tiles for `rows` assignments over `num_experts` experts of [k, n] weights, from the tuned table."""
     per_expert = rows / max(num_experts, 1)
+    if per_expert > DEQUANTIZE_ABOVE:
+        bits = 0
     limit = min(lim for lim, b in TUNED if b == bits and per_expert <= lim)
     tiles = TUNED[(limit, bits)]
     return dataclasses.replace(tiles, block_k=_divisor(k, tiles.block_k), block_n=_divisor(n, tiles.block_n))
@@ -222,6 +227,8 @@ def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: 
     num_tokens, top_k = ids_TK.shape
     num_experts = params.w_gate.shape[0]
     d, f = x_TD.shape[-1], params.w_gate.shape[-1]
+    if num_tokens * top_k / num_experts > DEQUANTIZE_ABOVE and isinstance(params.w_gate, QuantizedWeight):
+        params = ExpertWeights(*(dequantize(w, x_TD.dtype) for w in (params.w_gate, params.w_up, params.w_down)))
     bits = _weight_refs(params.w_gate)[0]
     tiles = tiles or choose_tiles(num_tokens * top_k, num_experts, d, f, bits)
     down_tiles = dataclasses.replace(down_tiles or choose_tiles(num_tokens * top_k, num_experts, f, d, bits),

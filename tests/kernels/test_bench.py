@@ -6,7 +6,7 @@ from moejax.kernels import bench
 
 
 def test_bench_prints_table_and_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "SHAPES", [("tiny decode", 2, 8, 128, 32, 2), ("tiny prefill", 48, 4, 128, 32, 2)])
+    monkeypatch.setattr(bench, "SHAPES", [("tiny decode", 2, 8, 128, 32, 2), ("tiny prefill", 96, 4, 128, 32, 2)])
     monkeypatch.setattr(bench, "ROUTING_TOKENS", 32)
     out = tmp_path / "bench.json"
     assert bench.main(["--json", str(out)]) == 0

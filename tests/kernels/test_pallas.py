@@ -92,6 +92,19 @@ def test_quantized_experts_equal_dequantized_matmul(bits, zero_point, split_k):
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_many_rows_per_expert_dequantize_first(bits):
+    """Prefill-sized routing (> DEQUANTIZE_ABOVE rows per expert) takes the dequantize-then-bf16-kernel path."""
+    from moejax.kernels.pallas_experts import DEQUANTIZE_ABOVE
+
+    x, w, ids, params = _problem(96, 256, 64, 4, 2, jnp.float32)
+    assert 96 * 2 / 4 > DEQUANTIZE_ABOVE
+    quantized = ExpertWeights(*[quantize(p, bits, group_size=128) for p in params])
+    ref = np.asarray(experts_reference(x, w, ids, quantized))
+    got = np.asarray(experts_pallas(x, w, ids, quantized, interpret=True))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3
+
+
 @pytest.mark.parametrize("bits", [0, 8, 4])
 def test_bf16_activations_with_split_k(bits):
     """bf16 activations take the bit-level int4 decoding; split K sums float32 partials outside the kernel."""
