@@ -44,7 +44,9 @@ def align_rows(topk_ids: jax.Array, num_experts: int, block_size: int, length: i
     sorted_ids = jnp.full((length,), n, jnp.int32).at[dest_sorted].set(order, mode="drop")
     row_of_assignment = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted)
     block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
-    block_expert = jnp.searchsorted(padded_end[:num_experts], block_start, side="right").astype(jnp.int32)
+    # The number of experts whose padded segment ends at or before the block's start (a compare-and-count that
+    # fuses into one kernel; searchsorted's loop costs a launch per step on GPUs).
+    block_expert = jnp.sum(padded_end[None, :num_experts] <= block_start[:, None], axis=1, dtype=jnp.int32)
     block_expert = jnp.where(block_start < total, block_expert, -1)
     return sorted_ids, block_expert, total.astype(jnp.int32), row_of_assignment
 

@@ -50,6 +50,18 @@ LABEL = {0: "bf16", 8: "int8", 4: "int4"}
 INTERPRET = jax.default_backend() != "gpu"  # off the GPU the kernels are interpreted (a smoke test of this script)
 
 
+def chained(fn, per_rep_args) -> list:
+    """fn over each routing's arguments, each call made to wait for the previous one's output: XLA may not
+    merge calls that share weights (its dot merger would otherwise read the weights once for all)."""
+    outs, prev = [], None
+    for args in per_rep_args:
+        if prev is not None:
+            args, _ = jax.lax.optimization_barrier((args, prev))
+        prev = fn(*args)
+        outs.append(prev)
+    return outs
+
+
 def _median_us(run, per_call: int, rounds: int = 7) -> float:
     jax.block_until_ready(run())
     times = []
@@ -139,8 +151,8 @@ def gate_up_job(p: Problem, bits: int, tiles: Tiles, rows_cache: dict):
     def run(g, u, rows, blocks):
         if dequantize_first:
             g, u = dequantize(g, jnp.bfloat16), dequantize(u, jnp.bfloat16)
-        return [grouped_matmul(r, b, [g, u], tiles, fuse=True, out_dtype=jnp.bfloat16,
-                               interpret=INTERPRET) for r, b in zip(rows, blocks)]
+        return chained(lambda r, b: grouped_matmul(r, b, [g, u], tiles, fuse=True, out_dtype=jnp.bfloat16,
+                                                   interpret=INTERPRET), list(zip(rows, blocks)))
 
     return run, (w.w_gate, w.w_up, rows, blocks)
 
@@ -242,9 +254,11 @@ def peers_and_layers(p: Problem) -> dict:
         sorted_x.append(x[jnp.asarray(order // p.k)])
         sizes.append(jnp.asarray(np.bincount(flat, minlength=p.e), jnp.int32))
     w_gate_up = jnp.concatenate([p.params[0].w_gate, p.params[0].w_up], axis=-1)
-    ragged = jax.jit(lambda xs, w, ss: [jax.lax.ragged_dot(a, w, s) for a, s in zip(xs, ss)])
-    layer = jax.jit(lambda xs, ws, ids, params: [experts_pallas(x, w, i, params, interpret=INTERPRET) for x, w, i in zip(xs, ws, ids)])
-    ref = jax.jit(lambda xs, ws, ids, params: [experts_reference(x, w, i, params) for x, w, i in zip(xs, ws, ids)])
+    ragged = jax.jit(lambda xs, w, ss: chained(lambda a, s: jax.lax.ragged_dot(a, w, s), list(zip(xs, ss))))
+    layer = jax.jit(lambda xs, ws, ids, params: chained(
+        lambda x, w, i: experts_pallas(x, w, i, params, interpret=INTERPRET), list(zip(xs, ws, ids))))
+    ref = jax.jit(lambda xs, ws, ids, params: chained(
+        lambda x, w, i: experts_reference(x, w, i, params), list(zip(xs, ws, ids))))
     jobs = {"ragged": (ragged, (sorted_x, w_gate_up, sizes)), "ref layer": (ref, (p.xs, p.weights, p.ids, p.params[0]))}
     for bits in BITS:
         jobs[f"layer {LABEL[bits]}"] = (layer, (p.xs, p.weights, p.ids, p.params[bits]))
@@ -282,10 +296,11 @@ def bench_routing(rng, reps: int = 4, sweep: bool = False) -> dict:
     logits = [jnp.asarray(rng.standard_normal((ROUTING_TOKENS, 256)), jnp.float32) for _ in range(reps)]
     bias = jnp.asarray(rng.standard_normal(256) * 0.1, jnp.float32)
     settings = [(4, 2)] + ([(bt, w) for bt in (2, 4, 8, 16) for w in (1, 2, 4) if (bt, w) != (4, 2)] if sweep else [])
-    jobs = {"reference": (jax.jit(lambda ls, b: [route_reference(l, config, b) for l in ls]), (logits, bias))}
+    jobs = {"reference": (jax.jit(lambda ls, b: chained(lambda l: route_reference(l, config, b), [(l,) for l in ls])),
+                          (logits, bias))}
     for bt, w in settings:
-        fn = jax.jit(lambda ls, b, bt=bt, w=w: [route_pallas(l, config, b, block_tokens=bt, num_warps=w,
-                                                                     interpret=INTERPRET) for l in ls])
+        fn = jax.jit(lambda ls, b, bt=bt, w=w: chained(
+            lambda l: route_pallas(l, config, b, block_tokens=bt, num_warps=w, interpret=INTERPRET), [(l,) for l in ls]))
         jobs[(bt, w)] = (fn, (logits, bias))
     compiled = compile_all(jobs)
     w_ref, i_ref = compiled["reference"](logits, bias)[0]

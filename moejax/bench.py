@@ -24,13 +24,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    kernels = p.add_argument_group("bench kernels")
+    kernels.add_argument("--shapes", type=int, nargs="*", default=None, help="indices of the six shapes (default all)")
+    kernels.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
+    kernels.add_argument("--no-layer", action="store_true", help="skip the peers and whole-layer timings")
+    kernels.add_argument("--json", default=None, help="also write the results here")
 
 
 def run(args) -> int:
     if args.what == "kernels":
         from moejax.kernels import bench as kernel_bench
 
-        return int(kernel_bench.main([]) or 0)
+        argv = (["--shapes", *map(str, args.shapes)] if args.shapes is not None else []) + \
+            (["--sweep"] if args.sweep else []) + (["--no-layer"] if args.no_layer else []) + \
+            (["--json", args.json] if args.json else [])
+        return int(kernel_bench.main(argv) or 0)
     if not args.config:
         raise ValueError("bench generate needs a config.json")
     return bench_generate(args)
