@@ -57,38 +57,42 @@ def choose_tiles(rows: int, num_experts: int, k: int, n: int, bits: int = 0) -> 
     return dataclasses.replace(tiles, block_k=_divisor(k, tiles.block_k), block_n=_divisor(n, tiles.block_n))
 
 
-def _int4_codes(packed, dtype):
-    """uint8 codes (two a byte) -> (128 + low nibble, 128 + high nibble) in `dtype`, exactly.
-
-    For bf16/f32 the nibble goes straight into the mantissa of 128.0 (one OR and a bitcast, no conversion
-    instructions); the caller subtracts 128 with the zero point after the dot."""
-    if dtype == jnp.bfloat16:  # 128.0 is 0x4300; its last mantissa bit is worth 1
-        wide = packed.astype(jnp.int16)
-        return (jax.lax.bitcast_convert_type((wide & 0xF) | 0x4300, dtype),
-                jax.lax.bitcast_convert_type(((wide >> 4) & 0xF) | 0x4300, dtype))
-    if dtype == jnp.float32:  # 128.0 is 0x43000000; mantissa bit 16 is worth 1
-        wide = packed.astype(jnp.int32)
-        return (jax.lax.bitcast_convert_type(((wide & 0xF) << 16) | 0x43000000, dtype),
-                jax.lax.bitcast_convert_type(((wide & 0xF0) << 12) | 0x43000000, dtype))
-    wide = packed.astype(jnp.int32)
-    return (wide & 0xF).astype(dtype) + 128, (wide >> 4).astype(dtype) + 128
+def _bf16_codes_plus_128(packed):
+    """uint8 codes (two a byte) -> (128 + low nibble, 128 + high nibble) as bf16, exactly: the nibble goes
+    straight into the mantissa of 128.0 (0x4300, whose last mantissa bit is worth 1): an OR and a bitcast,
+    no conversion instructions."""
+    wide = packed.astype(jnp.int16)
+    return (jax.lax.bitcast_convert_type((wide & 0xF) | 0x4300, jnp.bfloat16),
+            jax.lax.bitcast_convert_type(((wide >> 4) & 0xF) | 0x4300, jnp.bfloat16))
 
 
-def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, x_sum, group_size):
+def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, group_size):
     """Partial product of one K step for one weight (plain, int8 or int4)."""
     if bits in (0, 8):  # int8 values are exact in bf16; their per-channel scale is applied after the K loop
         w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
         return jnp.dot(xs[0], w.astype(xs[0].dtype), preferred_element_type=jnp.float32)
     # int4: the K step lies in one quantization group; the even and odd halves of x meet the low and high
-    # nibbles. (128 + zero) * sum_k x comes off after the dot (per column), then the group scale.
+    # nibbles, then the group scale.
     packed = refs[0][e, pl.ds(k0 // 2, block_k // 2), pl.ds(n0, block_n)]
     g = k0 // group_size
     scale = refs[1][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
-    lo, hi = _int4_codes(packed, xs[0].dtype)
+    zero = 8.0 if len(refs) < 3 else refs[2][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
+    if xs[0].dtype == jnp.bfloat16:
+        # bf16 products are exact with float32 accumulation, so (128 + zero) * sum_k x can come off after the
+        # dot. The sum is taken from the very tiles the dot reads: one precomputed in XLA may skip the rounding
+        # to bf16 (excess precision), and this term amplifies any mismatch ~100x.
+        lo, hi = _bf16_codes_plus_128(packed)
+        x_sum = jnp.sum(xs[0].astype(jnp.float32) + xs[1].astype(jnp.float32), axis=1)[:, None]
+        part = jnp.dot(xs[0], lo, preferred_element_type=jnp.float32)
+        part += jnp.dot(xs[1], hi, preferred_element_type=jnp.float32)
+        return (part - x_sum * (zero + 128.0)) * scale
+    # Other activations (float32 may run its dots as TF32 on GPUs): subtract the zero point before the dot.
+    wide = packed.astype(jnp.int32)
+    lo = ((wide & 0xF).astype(jnp.float32) - zero).astype(xs[0].dtype)
+    hi = ((wide >> 4).astype(jnp.float32) - zero).astype(xs[0].dtype)
     part = jnp.dot(xs[0], lo, preferred_element_type=jnp.float32)
     part += jnp.dot(xs[1], hi, preferred_element_type=jnp.float32)
-    zero = 8.0 if len(refs) < 3 else refs[2][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
-    return (part - x_sum * (zero + 128.0)) * scale
+    return part * scale
 
 
 def _finish(acc, refs, bits, e, n0, block_n):
@@ -118,12 +122,9 @@ def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tile
             k0 = k_step * bk
             if bits == 4:
                 xs = (x_refs[0][rows, pl.ds(k0 // 2, bk // 2)], x_refs[1][rows, pl.ds(k0 // 2, bk // 2)])
-                # From the very tiles the dot reads: a sum precomputed in XLA may skip the rounding to x's
-                # dtype (excess precision), and the zero-point term amplifies any mismatch ~100x.
-                x_sum = jnp.sum(xs[0].astype(jnp.float32) + xs[1].astype(jnp.float32), axis=1)[:, None]
             else:
-                xs, x_sum = (x_refs[0][rows, pl.ds(k0, bk)],), None
-            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, x_sum, group_size)
+                xs = (x_refs[0][rows, pl.ds(k0, bk)],)
+            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, group_size)
                          for acc, wr in zip(accs, weight_refs))
 
         init = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_weights))
