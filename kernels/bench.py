@@ -10,8 +10,10 @@ jitted pure-JAX reference. `--sweep` first times a grid of tiles per shape and w
 
 Method: every figure is the median of several rounds, each a single jitted call that runs the op on R different
 routings back to back (R=8 for decode, 1 for prefill), so that host dispatch is amortized and decode weights do
-not sit in L2 between calls; quantized prefill includes dequantizing the weights (what the layer does there); torch is timed with CUDA events over the same R routings. Every kernel is checked against its
-reference before it is timed. Compilation runs in a thread pool.
+not sit in L2 between calls; XLA ops are chained so that XLA cannot merge the R calls over shared weights;
+quantized prefill includes dequantizing the weights (what the layer does there); torch is timed with CUDA
+events over the same R routings. Every kernel is checked against its reference before it is timed.
+Compilation runs in a thread pool.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from moejax.kernels.align import align_rows
 from moejax.kernels.experts import ExpertWeights, experts_reference
-from moejax.kernels.pallas_experts import DEQUANTIZE_ABOVE, Tiles, choose_tiles, experts_pallas, grouped_matmul
+from moejax.kernels.pallas_experts import Tiles, choose_tiles, dequantizes_first, experts_pallas, grouped_matmul
 from moejax.kernels.pallas_routing import route_pallas
 from moejax.kernels.quant import dequantize, quantize, quantized_nbytes
 from moejax.kernels.routing import RoutingConfig, route_reference
@@ -145,7 +147,7 @@ def gate_up_job(p: Problem, bits: int, tiles: Tiles, rows_cache: dict):
     rows, blocks = rows_cache[tiles.block_m]
     w = p.params[bits]
 
-    dequantize_first = bits and p.m / p.e > DEQUANTIZE_ABOVE  # what experts_pallas does for prefill
+    dequantize_first = bits and dequantizes_first(p.m, p.e)  # what experts_pallas does for prefill
 
     @jax.jit
     def run(g, u, rows, blocks):
@@ -212,7 +214,16 @@ def time_gate_up(p: Problem, tiles_by_key: dict) -> dict:
     return out
 
 
-def torch_grouped_mm_us(p: Problem) -> float | None:
+def sorted_by_expert(p: Problem) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per routing: (token of each row, rows sorted by expert; rows per expert) - the peers' input layout."""
+    out = []
+    for ids in p.ids:
+        flat = np.asarray(ids).reshape(-1)
+        out.append((np.argsort(flat, kind="stable") // p.k, np.bincount(flat, minlength=p.e)))
+    return out
+
+
+def torch_grouped_mm_us(p: Problem, sorted_rows) -> float | None:
     try:
         import torch
     except ImportError:
@@ -221,11 +232,9 @@ def torch_grouped_mm_us(p: Problem) -> float | None:
         return None
     w = torch.randn(p.e, 2 * p.f, p.d, dtype=torch.bfloat16, device="cuda")  # transformers' layout
     calls = []
-    for x, ids in zip(p.xs, p.ids):
-        flat = np.asarray(ids).reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        xs = torch.tensor(np.asarray(x, np.float32)[order // p.k], dtype=torch.bfloat16, device="cuda")
-        offs = torch.tensor(np.cumsum(np.bincount(flat, minlength=p.e)), dtype=torch.int32, device="cuda")
+    for x, (token_of_row, counts) in zip(p.xs, sorted_rows):
+        xs = torch.tensor(np.asarray(x, np.float32)[token_of_row], dtype=torch.bfloat16, device="cuda")
+        offs = torch.tensor(np.cumsum(counts), dtype=torch.int32, device="cuda")
         calls.append((xs, offs))
 
     def run():
@@ -242,18 +251,13 @@ def torch_grouped_mm_us(p: Problem) -> float | None:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del w
     return float(np.median(times))
 
 
-def peers_and_layers(p: Problem) -> dict:
+def peers_and_layers(p: Problem, sorted_rows) -> dict:
     """ragged_dot on the sorted rows, and the whole expert layer: moejax (each weight type) vs the reference."""
-    sizes, sorted_x = [], []
-    for x, ids in zip(p.xs, p.ids):
-        flat = np.asarray(ids).reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        sorted_x.append(x[jnp.asarray(order // p.k)])
-        sizes.append(jnp.asarray(np.bincount(flat, minlength=p.e), jnp.int32))
+    sorted_x = [x[jnp.asarray(token_of_row)] for x, (token_of_row, _) in zip(p.xs, sorted_rows)]
+    sizes = [jnp.asarray(counts, jnp.int32) for _, counts in sorted_rows]
     w_gate_up = jnp.concatenate([p.params[0].w_gate, p.params[0].w_up], axis=-1)
     ragged = jax.jit(lambda xs, w, ss: chained(lambda a, s: jax.lax.ragged_dot(a, w, s), list(zip(xs, ss))))
     layer = jax.jit(lambda xs, ws, ids, params: chained(
@@ -276,7 +280,6 @@ def peers_and_layers(p: Problem) -> dict:
             want = np.asarray(ref(*a)[0], np.float32)
             out[key + " err"] = float(np.abs(got - want).max() / np.abs(want).max())
         out[key] = _median_us(lambda exe=exe, a=a: exe(*a), len(p.xs), rounds=5)
-    del w_gate_up
     return out
 
 
@@ -301,7 +304,8 @@ def bench_routing(rng, reps: int = 4, sweep: bool = False) -> dict:
                           (logits, bias))}
     for bt, w in settings:
         fn = jax.jit(lambda ls, b, bt=bt, w=w: chained(
-            lambda l: route_pallas(l, config, b, block_tokens=bt, num_warps=w, interpret=INTERPRET), [(l,) for l in ls]))
+            lambda l: route_pallas(l, config, b, block_tokens=bt, num_warps=w, interpret=INTERPRET),
+            [(l,) for l in ls]))
         jobs[(bt, w)] = (fn, (logits, bias))
     compiled = compile_all(jobs)
     w_ref, i_ref = compiled["reference"](logits, bias)[0]
@@ -344,7 +348,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         p = build_problem(name, tokens, e, d, f, k, rng, reps=8 if tokens <= 256 else 1)
         per_expert = p.m / e
-        tuned = {(bits, choose_tiles(p.m, e, d, f, bits)): None for bits in BITS}
+        tuned = {(bits, choose_tiles(p.m, e, d, f, 0 if dequantizes_first(p.m, e) else bits)): None for bits in BITS}
         keys = dict(tuned)
         if args.sweep:
             keys.update({(bits, t): None for bits in BITS for t in sweep_candidates(per_expert, bits)})
@@ -361,9 +365,11 @@ def main(argv=None) -> int:
                 print(f"  sweep {name} {LABEL[bits]}: best {best} ({len(timed)} timed, {failed} failed)", flush=True)
                 row[f"best {LABEL[bits]}"] = timed[0][0] if timed else None
         roofs, active = rooflines(p)
-        row.update(active=active, roof={LABEL[b]: v for b, v in roofs.items()}, torch=torch_grouped_mm_us(p))
+        sorted_rows = sorted_by_expert(p)
+        row.update(active=active, roof={LABEL[b]: v for b, v in roofs.items()},
+                   torch=torch_grouped_mm_us(p, sorted_rows))
         if not args.no_layer:
-            row.update(peers_and_layers(p))
+            row.update(peers_and_layers(p, sorted_rows))
         results.append(row)
         print(f"{name} done in {time.time() - t0:.0f} s: "
               + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
@@ -384,7 +390,8 @@ def main(argv=None) -> int:
     if not args.no_layer:
         head2 = (f"{'shape':<21}{'layer bf16':>11}{'layer int8':>11}{'layer int4':>11}{'reference':>11}"
                  f"{'err bf16':>10}{'err int8':>10}{'err int4':>10}")
-        lines += ["", "whole expert layer (align, gather, both kernels, combine), microseconds; errors vs the reference "
+        lines += ["", "whole expert layer (align, gather, both kernels, combine), microseconds; errors vs the "
+                  "reference "
                   "on the same weights", head2, "-" * len(head2)]
         for r in results:
             lines.append(f"{r['name']:<21}{_fmt(r.get('layer bf16'), 11)}{_fmt(r.get('layer int8'), 11)}"
@@ -392,7 +399,8 @@ def main(argv=None) -> int:
                          + "".join(f"{r.get(f'layer {b} err', float('nan')):>10.1e}" for b in ("bf16", "int8", "int4")))
     ours = routing.get((4, 2))
     best = min((v, k) for k, v in routing.items() if k != "reference")
-    lines.append(f"\nrouting T={ROUTING_TOKENS} E=256 groups 8/4 top-8 sigmoid+bias: pallas {_fmt(ours, 0)} us (default tiles), "
+    lines.append(f"\nrouting T={ROUTING_TOKENS} E=256 groups 8/4 top-8 sigmoid+bias: "
+                 f"pallas {_fmt(ours, 0)} us (default tiles), "
                  f"best {best[0]:.1f} us {best[1]}, jitted reference {routing['reference']:.1f} us, speedup "
                  f"{routing['reference'] / best[0]:.2f}x")
     print("\n".join(lines), flush=True)

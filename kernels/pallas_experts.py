@@ -47,11 +47,15 @@ TUNED: dict[tuple[float, int], Tiles] = {
 DEQUANTIZE_ABOVE = 32
 
 
+def dequantizes_first(rows: int, num_experts: int) -> bool:
+    """Whether `experts_pallas` dequantizes quantized experts before its kernels for this much routing."""
+    return rows / max(num_experts, 1) > DEQUANTIZE_ABOVE
+
+
 def choose_tiles(rows: int, num_experts: int, k: int, n: int, bits: int = 0) -> Tiles:
-    """Tiles for `rows` assignments over `num_experts` experts of [k, n] weights, from the tuned table."""
+    """Tiles for `rows` assignments over `num_experts` experts of [k, n] weights of `bits` (0: unquantized),
+    from the tuned table."""
     per_expert = rows / max(num_experts, 1)
-    if per_expert > DEQUANTIZE_ABOVE:
-        bits = 0
     limit = min(lim for lim, b in TUNED if b == bits and per_expert <= lim)
     tiles = TUNED[(limit, bits)]
     return dataclasses.replace(tiles, block_k=_divisor(k, tiles.block_k), block_n=_divisor(n, tiles.block_n))
@@ -66,8 +70,8 @@ def _bf16_codes_plus_128(packed):
             jax.lax.bitcast_convert_type(((wide >> 4) & 0xF) | 0x4300, jnp.bfloat16))
 
 
-def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, group_size):
-    """Partial product of one K step for one weight (plain, int8 or int4)."""
+def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, x_sum, group_size):
+    """Partial product of one K step for one weight (plain, int8 or int4); x_sum: `_int4_x_sum` of xs."""
     if bits in (0, 8):  # int8 values are exact in bf16; their per-channel scale is applied after the K loop
         w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
         return jnp.dot(xs[0], w.astype(xs[0].dtype), preferred_element_type=jnp.float32)
@@ -77,12 +81,8 @@ def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, group_size):
     g = k0 // group_size
     scale = refs[1][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
     zero = 8.0 if len(refs) < 3 else refs[2][e, pl.ds(g, 1), pl.ds(n0, block_n)].astype(jnp.float32)
-    if xs[0].dtype == jnp.bfloat16:
-        # bf16 products are exact with float32 accumulation, so (128 + zero) * sum_k x can come off after the
-        # dot. The sum is taken from the very tiles the dot reads: one precomputed in XLA may skip the rounding
-        # to bf16 (excess precision), and this term amplifies any mismatch ~100x.
+    if x_sum is not None:  # bf16: exact products, so (128 + zero) * sum_k x comes off after the dot
         lo, hi = _bf16_codes_plus_128(packed)
-        x_sum = jnp.sum(xs[0].astype(jnp.float32) + xs[1].astype(jnp.float32), axis=1)[:, None]
         part = jnp.dot(xs[0], lo, preferred_element_type=jnp.float32)
         part += jnp.dot(xs[1], hi, preferred_element_type=jnp.float32)
         return (part - x_sum * (zero + 128.0)) * scale
@@ -93,6 +93,16 @@ def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, group_size):
     part = jnp.dot(xs[0], lo, preferred_element_type=jnp.float32)
     part += jnp.dot(xs[1], hi, preferred_element_type=jnp.float32)
     return part * scale
+
+
+def _int4_x_sum(xs):
+    """[rows, 1] sum of a K step of bf16 x, for the after-the-dot zero point (None for other dtypes).
+
+    Taken from the very tiles the dot reads: a sum precomputed in XLA may skip the rounding to bf16 (excess
+    precision), and the zero-point term amplifies any mismatch ~100x."""
+    if xs[0].dtype != jnp.bfloat16:
+        return None
+    return jnp.sum(xs[0].astype(jnp.float32) + xs[1].astype(jnp.float32), axis=1)[:, None]
 
 
 def _finish(acc, refs, bits, e, n0, block_n):
@@ -120,11 +130,12 @@ def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tile
         def body(step, accs):
             k_step = s * steps + step
             k0 = k_step * bk
-            if bits == 4:
+            if bits == 4:  # one x sum per K step, shared by every weight
                 xs = (x_refs[0][rows, pl.ds(k0 // 2, bk // 2)], x_refs[1][rows, pl.ds(k0 // 2, bk // 2)])
+                x_sum = _int4_x_sum(xs)
             else:
-                xs = (x_refs[0][rows, pl.ds(k0, bk)],)
-            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, group_size)
+                xs, x_sum = (x_refs[0][rows, pl.ds(k0, bk)],), None
+            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, x_sum, group_size)
                          for acc, wr in zip(accs, weight_refs))
 
         init = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_weights))
@@ -228,7 +239,7 @@ def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: 
     num_tokens, top_k = ids_TK.shape
     num_experts = params.w_gate.shape[0]
     d, f = x_TD.shape[-1], params.w_gate.shape[-1]
-    if num_tokens * top_k / num_experts > DEQUANTIZE_ABOVE and isinstance(params.w_gate, QuantizedWeight):
+    if dequantizes_first(num_tokens * top_k, num_experts) and isinstance(params.w_gate, QuantizedWeight):
         params = ExpertWeights(*(dequantize(w, x_TD.dtype) for w in (params.w_gate, params.w_up, params.w_down)))
     bits = _weight_refs(params.w_gate)[0]
     tiles = tiles or choose_tiles(num_tokens * top_k, num_experts, d, f, bits)

@@ -42,8 +42,7 @@ def _routing_kernel(logits_ref, bias_ref, weights_ref, ids_ref, *, groups, group
             inner = jax.lax.broadcasted_iota(jnp.int32, select_3.shape, 2)
             first = jnp.argmax(select_3, axis=2)
             group_score = group_score + jnp.max(jnp.where(inner == first[:, :, None], NEG, select_3), axis=2)
-        gcol = jax.lax.broadcasted_iota(jnp.int32, group_score.shape, 1)
-        group_score = jnp.where(gcol < real_groups, group_score, NEG)
+        gcol = jax.lax.broadcasted_iota(jnp.int32, group_score.shape, 1)  # padded groups score -inf already
         keep = jnp.zeros(group_score.shape, jnp.bool_)
         for _ in range(topk_group):
             best = jnp.argmax(jnp.where(keep, NEG, group_score), axis=1)

@@ -76,6 +76,25 @@ def hf_greedy_by_forward(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+def assert_matches_transformers(path: str, prompt: list[int], greedy_prompt_len: int, n: int = 16):
+    """moejax's logits on `prompt` within 1e-4 of transformers' (float32), and n greedy tokens from its first
+    `greedy_prompt_len` tokens equal to transformers' full-forward greedy decoding."""
+    import numpy as np
+    import torch
+
+    from moejax import LLM, SamplingParams
+
+    hf = load_hf(path)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].numpy()
+    llm = LLM(path)
+    assert np.abs(llm.logits(prompt) - ref).max() / np.abs(ref).max() < 1e-4
+    head = prompt[:greedy_prompt_len]
+    ours = llm.generate(prompt_token_ids=[head], use_tqdm=False,
+                        sampling_params=SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    assert ours[0].outputs[0].token_ids == hf_greedy_by_forward(hf, head, n)
+
+
 def load_hf(path: str, dtype: str = "float32"):
     import torch
     import transformers as tf

@@ -8,7 +8,6 @@ output comes back through W_uv, so per-head keys and values are never expanded. 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

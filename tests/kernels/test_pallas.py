@@ -1,6 +1,5 @@
 """Pallas kernels (interpret mode on the CPU) equal their pure-JAX references on fresh random inputs."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Attention pieces against direct float64 computations."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -6,15 +6,14 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
-from moejax import LLM, SamplingParams
+from moejax import LLM
 from moejax.checkpoints.hf_writer import save_safetensors
 from moejax.checkpoints.safetensors import SafetensorsReader
 from moejax.engine import cache as kv
 from moejax.plan.memory import kv_bytes_per_token
-from tests.hf_models import hf_greedy_by_forward, load_hf, make_deepseek
+from tests.hf_models import assert_matches_transformers, make_deepseek
 
 PROMPT = np.random.RandomState(3).randint(0, 97, 32).tolist()
 VARIANTS = {"q_lora_groups": dict(q_lora_rank=24, n_group=4, topk_group=2),
@@ -35,16 +34,7 @@ def deepseek(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_and_greedy_match_transformers(deepseek, variant):
-    path = deepseek(variant)
-    hf = load_hf(path)
-    with torch.no_grad():
-        ref = hf(torch.tensor([PROMPT])).logits[0].numpy()
-    llm = LLM(path)
-    assert np.abs(llm.logits(PROMPT) - ref).max() / np.abs(ref).max() < 1e-4
-    prompt = PROMPT[:10]
-    ours = llm.generate(prompt_token_ids=[prompt], use_tqdm=False,
-                        sampling_params=SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    assert ours[0].outputs[0].token_ids == hf_greedy_by_forward(hf, prompt, 16)
+    assert_matches_transformers(deepseek(variant), PROMPT, greedy_prompt_len=10)
 
 
 def test_mla_cache_holds_the_latent_only(deepseek):

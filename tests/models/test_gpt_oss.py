@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from moejax import LLM, SamplingParams
+from moejax import LLM
 from moejax.checkpoints.hf import flat_params
 from moejax.checkpoints.hf_writer import save_safetensors
 from moejax.checkpoints.safetensors import SafetensorsReader
-from tests.hf_models import hf_greedy_by_forward, load_hf, make_gpt_oss
+from tests.hf_models import assert_matches_transformers, make_gpt_oss
 
 PROMPT = np.random.RandomState(3).randint(0, 97, 32).tolist()  # 4x the sliding window
 
@@ -22,17 +22,9 @@ def gpt_oss(tmp_path_factory):
 
 
 def test_logits_and_greedy_match_transformers(gpt_oss):
-    hf = load_hf(gpt_oss)
-    with torch.no_grad():
-        ref = hf(torch.tensor([PROMPT])).logits[0].numpy()
-    llm = LLM(gpt_oss)
-    assert np.abs(llm.logits(PROMPT) - ref).max() / np.abs(ref).max() < 1e-4
-    prompt = PROMPT[:20]
-    ours = llm.generate(prompt_token_ids=[prompt], use_tqdm=False,
-                        sampling_params=SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    # Greedy decoding with transformers' full forward at every step: transformers 5.23's generate (its
-    # sliding-window cache) disagrees with its own forward once the prompt is longer than the window.
-    assert ours[0].outputs[0].token_ids == hf_greedy_by_forward(hf, prompt, 16)
+    # Greedy decoding is compared with transformers' full forward at every step: transformers 5.23's generate
+    # (its sliding-window cache) disagrees with its own forward once the prompt is longer than the window.
+    assert_matches_transformers(gpt_oss, PROMPT, greedy_prompt_len=20)
 
 
 def test_mxfp4_experts_match_transformers_dequantization(gpt_oss, tmp_path):
