@@ -77,6 +77,25 @@ class SamplingBatch:
         )
 
 
+def filter_logits(scaled_BV: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Temperature-scaled logits with what min_p, then top_k, then top_p drop set to -inf (vLLM's order: top_p
+    measures the mass of what min_p and top_k keep, renormalized)."""
+    # One descending sort serves all three: each keeps a prefix of it.
+    sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
+    vocab = scaled_BV.shape[-1]
+    k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_BV, (k - 1)[:, None], axis=-1)
+    probs_sorted = jax.nn.softmax(sorted_BV, axis=-1)
+    kept = (sorted_BV >= kth) & (probs_sorted >= batch.min_p[:, None] * probs_sorted[:, :1])
+    probs_kept = jax.nn.softmax(jnp.where(kept, sorted_BV, -jnp.inf), axis=-1)
+    # Smallest prefix whose mass reaches top_p: keep entries whose preceding mass is < top_p (all at top_p 1,
+    # whatever the float32 cumsum's rounding).
+    before = jnp.cumsum(probs_kept, axis=-1) - probs_kept
+    kept &= (before < batch.top_p[:, None]) | (batch.top_p[:, None] >= 1)
+    cutoff = jnp.min(jnp.where(kept, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled_BV >= cutoff, scaled_BV, -jnp.inf)
+
+
 def sample(logits_BV: jax.Array, batch: SamplingBatch, num_logprobs: int = 0):
     """Returns (tokens [B], logprob of each token [B], top logprobs ([B, n], ids [B, n]) or None)."""
     logits_BV = logits_BV.astype(jnp.float32)
@@ -84,21 +103,7 @@ def sample(logits_BV: jax.Array, batch: SamplingBatch, num_logprobs: int = 0):
     greedy = jnp.argmax(logits_BV, axis=-1)
 
     scaled = logits_BV / jnp.maximum(batch.temperature, 1e-6)[:, None]
-    # One descending sort serves top-k and top-p.
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    vocab = scaled.shape[-1]
-    k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
-    cum = jnp.cumsum(probs_sorted, axis=-1)
-    # Smallest prefix whose mass reaches top_p: keep entries whose preceding mass is < top_p.
-    keep_sorted = (cum - probs_sorted) < batch.top_p[:, None]
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, cutoff)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    min_p_floor = batch.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-    masked = jnp.where((scaled >= threshold) & (probs >= min_p_floor), scaled, -jnp.inf)
-
+    masked = filter_logits(scaled, batch)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(batch.seed, batch.step)
     sampled = jax.vmap(jax.random.categorical)(keys, masked)
     tokens = jnp.where(batch.temperature == 0, greedy, sampled).astype(jnp.int32)
