@@ -100,13 +100,17 @@ def sample(logits_BV: jax.Array, batch: SamplingBatch, num_logprobs: int = 0):
     """Returns (tokens [B], logprob of each token [B], top logprobs ([B, n], ids [B, n]) or None)."""
     logits_BV = logits_BV.astype(jnp.float32)
     logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    greedy = jnp.argmax(logits_BV, axis=-1)
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
-    scaled = logits_BV / jnp.maximum(batch.temperature, 1e-6)[:, None]
-    masked = filter_logits(scaled, batch)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(batch.seed, batch.step)
-    sampled = jax.vmap(jax.random.categorical)(keys, masked)
-    tokens = jnp.where(batch.temperature == 0, greedy, sampled).astype(jnp.int32)
+    def draw(logits_BV, batch):
+        scaled = logits_BV / jnp.maximum(batch.temperature, 1e-6)[:, None]
+        masked = filter_logits(scaled, batch)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(batch.seed, batch.step)
+        sampled = jax.vmap(jax.random.categorical)(keys, masked)
+        return jnp.where(batch.temperature == 0, greedy, sampled).astype(jnp.int32)
+
+    # The sort over the vocabulary costs real time every decode step: an all-greedy batch skips it.
+    tokens = jax.lax.cond(jnp.all(batch.temperature == 0), lambda *_: greedy, draw, logits_BV, batch)
     token_logprobs = jnp.take_along_axis(logprobs_BV, tokens[:, None], axis=-1)[:, 0]
     top = jax.lax.top_k(logprobs_BV, num_logprobs) if num_logprobs else None
     return tokens, token_logprobs, top

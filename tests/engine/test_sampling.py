@@ -228,3 +228,19 @@ def test_logprobs_are_raw_log_softmax_and_top_logprobs_sorted():
     np.testing.assert_allclose(top_vals, np.sort(ref, axis=-1)[:, ::-1][:, :5], atol=1e-5)
     assert run(logits, params, seeds, steps)[2] is None
 
+
+def test_all_greedy_batch_matches_mixed_batch():
+    logits, params, seeds, steps = mixed_rows(16, 5)
+    greedy_params = [dataclasses.replace(p, temperature=0.0) for p in params]
+    mixed_params = [p if i % 2 else dataclasses.replace(p, temperature=1.0) for i, p in enumerate(greedy_params)]
+    all_greedy = run(logits, greedy_params, seeds, steps, num_logprobs=3)
+    mixed = run(logits, mixed_params, seeds, steps, num_logprobs=3)
+    odd = np.arange(16) % 2 == 1
+    np.testing.assert_array_equal(all_greedy[0], np.argmax(logits, -1))
+    np.testing.assert_array_equal(all_greedy[0][odd], mixed[0][odd])
+    np.testing.assert_array_equal(all_greedy[1][odd], mixed[1][odd])
+    np.testing.assert_array_equal(all_greedy[2][1], mixed[2][1])
+    # The shortcut is a branch: an all-greedy batch never runs the sort.
+    batch = SamplingBatch.build(greedy_params, seeds, steps, 16)
+    assert "cond" in str(jax.make_jaxpr(sample)(jnp.asarray(logits), batch)), "no lax.cond in the sampler"
+
