@@ -39,6 +39,17 @@ def _pallas() -> tuple[bool, bool]:
     return True, not on_gpu
 
 
+def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, *, scale, window=None,
+                    sinks_H=None, value_dim=None):
+    """Causal attention of query blocks over their sequences' KV pages (see attention_reference.py).
+
+    The pure-JAX version runs on every backend; the Pallas GPU kernels join behind this call."""
+    from moejax.kernels.attention_reference import NO_WINDOW, paged_attention as reference
+
+    return reference(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, scale=scale,
+                     window=NO_WINDOW if window is None else window, sinks_H=sinks_H, value_dim=value_dim)
+
+
 def matmul(x, w):
     """x [..., K] @ w [K, N] with float32 accumulation; returns x's dtype. Accepts quantized weights."""
     import jax.numpy as jnp
@@ -79,6 +90,7 @@ __all__ = [
     "get_backend",
     "grouped_topk",
     "moe_align_block_size",
+    "paged_attention",
     "set_backend",
     "matmul",
     "route",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +13,13 @@ import numpy as np
 
 from moejax.checkpoints.hf import load_hf_state
 from moejax.config import ModelConfig
-from moejax.engine import cache as kv
-from moejax.engine.outputs import CompletionOutput, RequestOutput
-from moejax.engine.runner import ModelRunner, bucket
-from moejax.engine.sampling import SamplingBatch, SamplingParams
+from moejax.engine.engine import LLMEngine
+from moejax.engine.outputs import RequestOutput
+from moejax.engine.runner import Buckets, ModelRunner, bucket
+from moejax.engine.sampling import SamplingParams
 from moejax.engine.tokenizer import Tokenizer
 from moejax.models import build_abstract
-from moejax.plan.memory import Mesh, plan_memory
+from moejax.plan.memory import Mesh, plan_memory, smallest_fix
 from moejax.sharding.distributed import initialize_from_env
 from moejax.sharding.mesh import make_mesh, sharding_for_axes
 
@@ -26,8 +27,10 @@ logger = logging.getLogger("moejax")
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 QUANTIZATIONS = (None, "int8", "int4")
+LOAD_FORMATS = ("auto", "dummy")
 MIN_PREFILL_BUCKET = 16
-MIN_CACHE_BUCKET = 128
+DEFAULT_BATCHED_TOKENS = 8192  # a step's token budget unless max_num_batched_tokens says otherwise
+PREFILL_BLOCK = 64  # prefill chunks are laid out in query blocks of this many tokens (at most 4 pages)
 
 
 def default_model_path() -> str:
@@ -36,7 +39,7 @@ def default_model_path() -> str:
 
 
 class LLM:
-    """A loaded MoE model. See CONTRACT.md for the arguments."""
+    """A loaded MoE model and its serving engine. See CONTRACT.md for the arguments."""
 
     def __init__(
         self,
@@ -50,17 +53,42 @@ class LLM:
         max_num_seqs: int = 256,
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
+        kv_cache_tokens: int | None = None,
+        page_size: int = 16,
+        kv_cache_dtype: str = "auto",
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        load_format: str = "auto",
+        offload_experts: bool = False,
+        moe_top_k: int | None = None,
+        pipeline_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
+        enable_dp_attention: bool = False,
+        warmup: bool = False,
     ):
+        """warmup: compile every step shape now (a server does), rather than on first use."""
         initialize_from_env()
+        enable_compilation_cache()
         model = default_model_path() if model is None else os.fspath(model)
         if not os.path.isdir(model):
             raise ValueError(f"model: {model!r} is not a directory")
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+        for name, value, default in (("offload_experts", offload_experts, False), ("moe_top_k", moe_top_k, None),
+                                     ("pipeline_parallel_size", pipeline_parallel_size, 1),
+                                     ("enable_expert_parallel", enable_expert_parallel, False),
+                                     ("enable_dp_attention", enable_dp_attention, False)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} is not supported by this version of moejax yet")
+        if kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; use 'auto'")
         self.model_path = model
         self.config = ModelConfig.from_file(model)
         c = self.config
         from moejax.checkpoints import orbax_store
 
-        self.checkpoint = orbax_store.read_metadata(model) if orbax_store.is_converted(model) else None
+        converted = load_format == "auto" and orbax_store.is_converted(model)
+        self.checkpoint = orbax_store.read_metadata(model) if converted else None
         if self.checkpoint is not None:  # a converted checkpoint fixes its dtype and quantization
             dtype = self.checkpoint["dtype"] if dtype == "auto" else dtype
             if dtype != self.checkpoint["dtype"]:
@@ -77,13 +105,18 @@ class LLM:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         for name, value in (("tensor_parallel_size", tensor_parallel_size),
                             ("expert_parallel_size", expert_parallel_size),
-                            ("data_parallel_size", data_parallel_size), ("max_num_seqs", max_num_seqs)):
-            if not isinstance(value, int) or value < 1:
+                            ("data_parallel_size", data_parallel_size), ("max_num_seqs", max_num_seqs),
+                            ("page_size", page_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if max_model_len is not None and max_model_len < 1:
-            raise ValueError(f"max_model_len must be positive, got {max_model_len}")
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+        if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or kv_cache_tokens < 1):
+            raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
         self.dtype = DTYPES[dtype]
         self.dtype_name = dtype
         self.quantization = quantization
@@ -93,62 +126,114 @@ class LLM:
         self._request_counter = itertools.count()
 
         self.mesh = make_mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size)
-        # The planner is the memory model: it sizes the KV cache and caps the default max_model_len.
+        plan_mesh = Mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size)
+        # The planner is the memory model: it sizes the KV cache and caps the default max_model_len. It is held
+        # against the devices' memory before anything is allocated.
         self.memory_plan = plan_memory(
-            c, mesh=Mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size), dtype=dtype,
-            quantization=quantization, device_memory_bytes=device_memory_bytes(),
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len or c.max_position_embeddings, max_num_seqs=max_num_seqs, suggest=False)
-        capacity = self.memory_plan.kv_cache_tokens
-        self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 1)
+            c, mesh=plan_mesh, dtype=dtype, quantization=quantization, device_memory_bytes=device_memory_bytes(),
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len or c.max_position_embeddings,
+            max_num_seqs=max_num_seqs, model=model)
+        plan = self.memory_plan
+        capacity = plan.kv_cache_tokens if kv_cache_tokens is None else kv_cache_tokens
+        self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 2)
+        self._check_fits(kv_cache_tokens, plan_mesh)
+        if kv_cache_tokens is None:  # never more than max_num_seqs full-length requests can use
+            capacity = min(capacity, max_num_seqs * self.max_model_len)
+        if capacity < self.max_model_len:
+            raise ValueError(f"kv_cache_tokens={capacity} cannot hold one request of max_model_len="
+                             f"{self.max_model_len} tokens")
+        self.kv_cache_tokens = capacity
         logger.info("KV cache size: %s tokens; maximum concurrency for %s tokens per request: %.2fx",
                     f"{capacity:,}", f"{self.max_model_len:,}", capacity / self.max_model_len)
+
         graphdef, abstract = build_abstract(c, self.dtype)
 
         def sharding_for(path, var, shape):
             return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), shape)
 
-        if self.checkpoint is not None:
+        if load_format == "dummy":
+            from moejax.checkpoints.dummy import dummy_state
+
+            state = dummy_state(abstract, sharding_for=sharding_for, seed=seed, transform=self._quantizer())
+        elif self.checkpoint is not None:
             state = orbax_store.restore_state(model, abstract, sharding_for, self.checkpoint.get("quantized"))
         else:
             state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer())
-        self.runner = ModelRunner(graphdef, state, self.mesh, "highest" if self.dtype == jnp.float32 else None)
+        budget = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
+        block = min(PREFILL_BLOCK, page_size * 4)
+        buckets = Buckets(max_decode=bucket(max_num_seqs), max_prefill=max(budget // block, 1) * block,
+                          prefill_block=block)
+        self.runner = ModelRunner(
+            graphdef, state, self.mesh, num_pages=capacity // page_size + 1, page_size=page_size,
+            kv_dtype=self.dtype, max_model_len=self.max_model_len, buckets=buckets,
+            matmul_precision="highest" if self.dtype == jnp.float32 else None)
+        del state
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
         self.eos_token_ids = set(c.eos_token_ids) | _generation_eos(model)
+        self.llm_engine = LLMEngine(
+            self.runner, max_model_len=self.max_model_len, vocab_size=c.vocab_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(budget, block), enable_prefix_caching=enable_prefix_caching,
+            tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, seed=seed)
+        if warmup:
+            self.warmup()
+
+    def _check_fits(self, kv_cache_tokens, mesh) -> None:
+        """Raise, naming the smallest change that fits, when the weights and the cache exceed device memory."""
+        plan = self.memory_plan
+        budget = int(plan.device_memory_bytes * plan.gpu_memory_utilization)
+        need = plan.weight_bytes_per_device + plan.workspace_bytes
+        if kv_cache_tokens is not None:
+            need += kv_cache_tokens * plan.kv_bytes_per_token
+        else:
+            need += self.max_model_len * plan.kv_bytes_per_token
+        if need <= budget:
+            return
+        gib = 1024**3
+        fix = plan.suggestion or smallest_fix(plan, self.config, self.max_num_seqs)
+        raise ValueError(
+            f"model {self.model_path!r} does not fit: {plan.weight_bytes_per_device / gib:.2f} GiB of weights + "
+            f"{plan.workspace_bytes / gib:.2f} GiB workspace + KV cache need {need / gib:.2f} GiB per device; "
+            f"gpu_memory_utilization={plan.gpu_memory_utilization} of {plan.device_memory_bytes / gib:.2f} GiB "
+            f"allows {budget / gib:.2f} GiB. " + (f"Smallest change that fits: {fix}" if fix else
+                                                 "No single change fits; use more devices."))
 
     # -- public API ----------------------------------------------------------------------------------------
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
 
+    def warmup(self) -> int:
+        """Compile every step shape the engine can use; returns how many. Nothing compiles after it."""
+        return self.runner.warmup()
+
     def generate(self, prompts=None, sampling_params=None, *, prompt_token_ids=None, use_tqdm: bool = True):
         """Complete each prompt; returns one RequestOutput per prompt, in order."""
         texts, ids = self._prompts(prompts, prompt_token_ids)
         params = self._params(sampling_params, len(ids))
-        requests = []
-        for i, (text, prompt_ids, p) in enumerate(zip(texts, ids, params)):
-            self._check_prompt(prompt_ids, i)
-            request_id = str(next(self._request_counter))
-            # Unseeded requests draw from the LLM's seed and the request's number: reproducible across runs.
-            base_seed = p.seed if p.seed is not None else (self.seed * 1_000_003 + int(request_id)) & 0x7FFFFFFF
-            out = RequestOutput(request_id, text, list(prompt_ids), [])
-            for j in range(p.n):
-                out.outputs.append(CompletionOutput(j, "", [], 0.0, [] if p.logprobs is not None else None))
-                requests.append((out, j, list(prompt_ids), p, base_seed + j))
-            out.finished = False
-        results = _unique([r[0] for r in requests])
-        progress = None
-        if use_tqdm and len(results) > 1:
-            from tqdm import tqdm
-
-            progress = tqdm(total=len(results), desc="Processed prompts", leave=False)
-        for batch in self._batches(requests):
-            self._generate_batch(batch)
+        engine = self.llm_engine
+        for i, prompt_ids in enumerate(ids):
+            engine.check_prompt(prompt_ids, f"prompt {i}")
+        request_ids = []
+        for text, prompt_ids, p in zip(texts, ids, params):
+            request_ids.append(f"generate-{next(self._request_counter)}")
+            engine.add_request(request_ids[-1], prompt_ids, p, prompt=text)
+        wanted = set(request_ids)
+        done: dict[str, RequestOutput] = {}
+        progress = _Progress(len(ids)) if use_tqdm and len(ids) > 1 else None
+        try:
+            while len(done) < len(wanted):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        if progress is not None:
+                            progress.update(out)
+        except BaseException:
+            for rid in wanted - set(done):
+                engine.abort_request(rid)
+            raise
+        finally:
             if progress is not None:
-                progress.n = sum(r.finished for r in results)
-                progress.refresh()
-        if progress is not None:
-            progress.close()
-        return results
+                progress.close()
+        return [done[r] for r in request_ids]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = False):
         if self.tokenizer is None:
@@ -163,16 +248,15 @@ class LLM:
 
     def logits(self, token_ids) -> np.ndarray:
         """Next-token logits at every position of one forward pass: [len(token_ids), vocab] float32."""
-        token_ids = [int(t) for t in token_ids]
-        self._check_prompt(token_ids, 0, name="token_ids")
+        token_ids = self.llm_engine.check_prompt(token_ids, "token_ids")
         n = len(token_ids)
         t = bucket(n, MIN_PREFILL_BUCKET)
-        tokens = np.zeros((1, t), np.int32)
-        tokens[0, :n] = token_ids
-        positions = np.full((1, t), -1, np.int32)
-        positions[0, :n] = np.arange(n)
+        tokens = np.zeros(t, np.int32)
+        tokens[:n] = token_ids
+        positions = np.full(t, -1, np.int32)
+        positions[:n] = np.arange(n)
         logits = self.runner.forward_logits(tokens, positions)
-        return np.asarray(logits[0, :n], np.float32)
+        return np.asarray(logits[:n], np.float32)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _quantizer(self):
@@ -207,122 +291,48 @@ class LLM:
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {n} prompts")
         return list(sampling_params)
 
-    def _check_prompt(self, ids, i, name="prompt"):
-        if not ids:
-            raise ValueError(f"{name} {i} is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"{name} {i} has {len(ids)} tokens; max_model_len is {self.max_model_len}")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"{name} {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
 
-    def _budget(self, prompt_len: int, p: SamplingParams) -> int:
-        room = self.max_model_len - prompt_len
-        return room if p.max_tokens is None else min(p.max_tokens, room)
+class _Progress:
+    """vLLM's bar: requests done, with input and output tokens per second."""
 
-    def _batches(self, requests):
-        """Consecutive groups of at most max_num_seqs requests whose cache fits the planned KV capacity."""
-        capacity = max(self.memory_plan.kv_cache_tokens, 1)
-        start = 0
-        while start < len(requests):
-            size = min(self.max_num_seqs, len(requests) - start)
-            while size > 1:
-                group = requests[start : start + size]
-                need = max(len(r[2]) + self._budget(len(r[2]), r[3]) for r in group)
-                if bucket(size) * bucket(need, MIN_CACHE_BUCKET) <= capacity:
-                    break
-                size //= 2
-            yield requests[start : start + size]
-            start += size
+    def __init__(self, total: int):
+        from tqdm import tqdm
 
-    def _generate_batch(self, requests):
-        """Run one static batch to completion: a batched prefill, then decode steps until every row stops."""
-        n = len(requests)
-        budgets = [self._budget(len(r[2]), r[3]) for r in requests]
-        batch = bucket(n)
-        prompt_len = max(len(r[2]) for r in requests)
-        t = bucket(prompt_len, MIN_PREFILL_BUCKET)
-        total = max(len(r[2]) + b for r, b in zip(requests, budgets))
-        max_len = bucket(max(total, t), MIN_CACHE_BUCKET, max(self.max_model_len, t))
-        cache_sharding = sharding_for_axes(self.mesh, kv.CACHE_AXES, kv.cache_shape(self.config, batch, max_len))
-        cache = kv.init_cache(self.config, batch, max_len, self.dtype, cache_sharding)
+        self.bar = tqdm(total=total, desc="Processed prompts", leave=False, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.tokens_in = self.tokens_out = 0
 
-        tokens = np.zeros((batch, t), np.int32)
-        positions = np.full((batch, t), -1, np.int32)
-        lengths = np.zeros(batch, np.int32)
-        for row, r in enumerate(requests):
-            ids = r[2]
-            tokens[row, : len(ids)] = ids
-            positions[row, : len(ids)] = np.arange(len(ids))
-            lengths[row] = len(ids)
-        last = np.maximum(lengths - 1, 0)
-        params = [r[3] for r in requests]
-        seeds = [r[4] for r in requests]
-        num_logprobs = max((p.logprobs or 0) for p in params)
-        done = [b <= 0 for b in budgets]
-        for row, r in enumerate(requests):
-            if done[row]:
-                self._finish(r, "length", None)
-        generated = [0] * n
+    def update(self, out: RequestOutput) -> None:
+        self.tokens_in += len(out.prompt_token_ids)
+        self.tokens_out += sum(len(o.token_ids) for o in out.outputs)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"est. speed input: {self.tokens_in / elapsed:.2f} toks/s, "
+                                 f"output: {self.tokens_out / elapsed:.2f} toks/s", refresh=False)
+        self.bar.update(1)
 
-        step_tokens, step_positions, step_last = tokens, positions, last
-        while not all(done):
-            sampling = SamplingBatch.build(params, seeds, generated, batch)
-            next_tokens, logprobs, top, cache = self.runner.step(
-                step_tokens, step_positions, step_last, cache, sampling, num_logprobs)
-            next_tokens = np.asarray(next_tokens)
-            logprobs = np.asarray(logprobs)
-            top = None if top is None else (np.asarray(top[0]), np.asarray(top[1]))
-            for row, r in enumerate(requests):
-                if done[row]:
-                    continue
-                done[row] = self._append(r, int(next_tokens[row]), float(logprobs[row]),
-                                         None if top is None else (top[0][row], top[1][row]), budgets[row])
-                generated[row] += 1
-            step_tokens = next_tokens.reshape(batch, 1).astype(np.int32)
-            step_positions = np.full((batch, 1), -1, np.int32)
-            for row in range(n):
-                if not done[row]:
-                    step_positions[row, 0] = lengths[row] + generated[row] - 1
-            step_last = np.zeros(batch, np.int32)
-        for r in requests:
-            r[0].finished = all(o.finish_reason is not None for o in r[0].outputs)
+    def close(self) -> None:
+        self.bar.close()
 
-    def _append(self, request, token: int, logprob: float, top, budget: int) -> bool:
-        """Record one sampled token; returns True when the sequence is finished."""
-        out, j, _, p, _ = request
-        completion = out.outputs[j]
-        completion.token_ids.append(token)
-        completion.cumulative_logprob += logprob
-        if p.logprobs is not None:
-            entry = {token: logprob}
-            if top is not None:
-                entry.update({int(i): float(v) for v, i in zip(top[0][: p.logprobs], top[1][: p.logprobs])})
-            completion.logprobs.append(entry)
-        if token in p.stop_token_ids:
-            return self._finish(request, "stop", token, drop_last=True)
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return self._finish(request, "stop", None, drop_last=True)
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(completion.token_ids)
-            hits = [(text.find(s), s) for s in p.stop if s in text]
-            if hits:
-                at, s = min(hits)
-                return self._finish(request, "stop", s, text=text[:at])
-        if len(completion.token_ids) >= budget:
-            return self._finish(request, "length", None)
-        return False
 
-    def _finish(self, request, reason, stop_reason, drop_last=False, text=None) -> bool:
-        out, j = request[0], request[1]
-        completion = out.outputs[j]
-        completion.finish_reason = reason
-        completion.stop_reason = stop_reason
-        if text is None and self.tokenizer is not None:
-            ids = completion.token_ids[:-1] if drop_last else completion.token_ids
-            text = self.tokenizer.decode(ids)
-        completion.text = text or ""
-        return True
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, on by default for accelerators in the user's cache directory
+    (MOEJAX_COMPILATION_CACHE=/path moves it, =0 turns it off; a directory the user configured is kept).
+
+    Off by default on the CPU backend, where compiling is quick and jax 0.10's CPU cache served a stale
+    executable to a different tiny model in our tests."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    where = os.environ.get("MOEJAX_COMPILATION_CACHE")
+    if where in ("0", "off", "false") or (not where and jax.default_backend() == "cpu"):
+        return
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "moejax", "jax")
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", where)
 
 
 def device_memory_bytes() -> int:
@@ -332,15 +342,6 @@ def device_memory_bytes() -> int:
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(len(jax.local_devices()), 1)
-
-
-def _unique(items):
-    seen, out = set(), []
-    for x in items:
-        if id(x) not in seen:
-            seen.add(id(x))
-            out.append(x)
-    return out
 
 
 def _generation_eos(directory: str) -> set[int]:

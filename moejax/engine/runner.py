@@ -1,21 +1,31 @@
-"""Jitted model steps over a split NNX state.
+"""The model runner: one jitted step over a flat, ragged batch of prefill chunks and decodes.
 
-`step` is the one forward for prefill (T > 1) and decode (T = 1): it writes the new keys into the donated cache,
-takes the hidden state at each row's last real token, and samples the next token on device. It compiles once
-per (batch, tokens, cache length) bucket. `forward_logits` is the cache-free forward behind `LLM.logits`.
+A step's shape is fixed by two bucketed numbers, the decode slots D and the prefill slots P (a multiple of the
+prefill block), so a long mixed workload compiles a small fixed set of variants (`step_shapes`). Everything a
+step needs from the host (tokens, positions, KV slots, page tables, sampling settings) is packed into one int32
+buffer and sent as one transfer. Decode tokens that the previous step sampled are taken from that step's
+device output (`prev_src`), so the host can launch step n+1 before it has read step n's tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from moejax.engine.cache import KVCache
-from moejax.engine.sampling import SamplingBatch, sample
+from moejax.engine.sampling import MAX_LOGPROBS, SamplingBatch, sample
+from moejax.engine.scheduler import ScheduledStep
+from moejax.layers.kv_cache import POOL_AXES, KVPool, PagedBatch, init_pool, pool_shape
+from moejax.models.stacked import StackedModel
+from moejax.sharding.mesh import sharding_for_axes
+
+logger = logging.getLogger("moejax")
 
 
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
@@ -26,45 +36,225 @@ def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
     return size
 
 
-def replicated(tree):
-    """Constrain results to be replicated over the mesh in context (a no-op without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.axis_names:
-        return tree
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec()), tree)
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    num_decode: int  # D decode slots
+    num_prefill: int  # P prefill slots, a multiple of the prefill block
+    num_logprobs: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode + self.num_prefill
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The step shapes a runner compiles: decode-only steps in powers of two; steps with prefill slots in
+    powers of two of the prefill block, with decode slots rounded up to powers of four."""
+
+    max_decode: int
+    max_prefill: int
+    prefill_block: int
+
+    def decode_sizes(self, mixed: bool) -> list[int]:
+        sizes, n = [], 1
+        while n < self.max_decode:
+            sizes.append(n)
+            n *= 4 if mixed else 2
+        return sizes + [self.max_decode]
+
+    def prefill_sizes(self) -> list[int]:
+        sizes, n = [], self.prefill_block
+        while n < self.max_prefill:
+            sizes.append(n)
+            n *= 2
+        return sizes + [self.max_prefill]
+
+    def shape(self, num_decode: int, num_prefill: int, num_logprobs: int = 0) -> StepShape:
+        pick = lambda n, sizes: next(s for s in sizes if s >= n) if n else 0  # noqa: E731
+        p = pick(num_prefill, self.prefill_sizes())
+        return StepShape(pick(num_decode, self.decode_sizes(mixed=p > 0)), p, num_logprobs)
+
+    def all_shapes(self) -> list[StepShape]:
+        shapes = [StepShape(d, 0) for d in self.decode_sizes(False)]
+        for p in self.prefill_sizes():
+            shapes += [StepShape(d, p) for d in [0] + self.decode_sizes(True)]
+        return shapes
+
+    @property
+    def max_sample_rows(self) -> int:
+        return self.max_decode + self.max_prefill // self.prefill_block
+
+
+_RING = 3
+_INT_FIELDS = ("tokens", "prev_src", "positions", "slot_page", "slot_offset")
+_ROW_FIELDS = ("sample_index", "temperature", "top_p", "top_k", "min_p", "seed", "step")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+
+
+def layout(shape: StepShape, prefill_block: int, max_pages: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Offset and shape of every field inside the packed int32 step input."""
+    t, d = shape.num_tokens, shape.num_decode
+    nb = shape.num_prefill // prefill_block
+    fields = [(name, (t,)) for name in _INT_FIELDS]
+    fields += [("decode_pages", (d, max_pages)), ("prefill_pages", (nb, max_pages))]
+    fields += [(name, (d + nb,)) for name in _ROW_FIELDS]
+    out, offset = {}, 0
+    for name, dims in fields:
+        out[name] = (offset, dims)
+        offset += int(np.prod(dims))
+    out["_size"] = (offset, ())
+    return out
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A launched step: its schedule and the device results the host reads one step later."""
+
+    scheduled: ScheduledStep
+    rows: list  # (sequence, output index) per sample row, None for rows that sample nothing
+    tokens: jax.Array
+    logprobs: jax.Array
+    top: tuple | None
+
+    def fetch(self):
+        top = None if self.top is None else (np.asarray(self.top[0]), np.asarray(self.top[1]))
+        return np.asarray(self.tokens), np.asarray(self.logprobs), top
 
 
 class ModelRunner:
-    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh=None, matmul_precision: str | None = None):
-        """mesh: the device mesh every step runs under (expert-parallel dispatch reads it from context).
-        matmul_precision: "highest" keeps float32 models in true float32 on GPUs that default to TF32."""
+    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh, *, num_pages: int, page_size: int,
+                 kv_dtype, max_model_len: int, buckets: Buckets, matmul_precision: str | None = None):
+        self.model = StackedModel(graphdef, state)
         self.graphdef = graphdef
-        self.state = state
+        self.params = self.model.params
+        self.config = self.model.config
         self.mesh = mesh
         self.matmul_precision = matmul_precision
-        graph = graphdef
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_pages = -(-max_model_len // page_size)
+        self.buckets = buckets
+        self.prefill_block = buckets.prefill_block
+        shape = pool_shape(self.config, num_pages, page_size)
+        self.pool = init_pool(self.config, num_pages, page_size, kv_dtype,
+                              sharding_for_axes(mesh, POOL_AXES, shape))
+        self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._prev = jax.device_put(np.zeros(buckets.max_sample_rows, np.int32), self._replicated)
+        # Per shape, a ring of host buffers: the transfer of a step's input (zero-copy on the CPU backend) may
+        # still read its buffer after launch returns; by the time a buffer comes round again the host has read
+        # the results of the step that used it.
+        self._buffers: dict[StepShape, list[np.ndarray]] = {}
+        self.warmed_up = False
+        self.unexpected_compilations = 0
+        model = self.model
+        max_rows = buckets.max_sample_rows
 
-        @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=("num_logprobs",))
-        def step(state, tokens_BT, positions_BT, last_B, cache: KVCache, sampling: SamplingBatch,
-                 num_logprobs: int = 0):
-            model = nnx.merge(graph, state)
-            hidden_BTD, cache, _ = model(tokens_BT, positions_BT, cache)
-            # [batch, embed] at each row's last real token
-            h_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
-            logits_BV = model.logits(h_BD)
-            tokens, logprobs, top = sample(logits_BV, sampling, num_logprobs)
-            # Host-bound results are replicated so that every process can read them.
-            return replicated((tokens, logprobs, top)) + (cache,)
+        @functools.partial(jax.jit, donate_argnames=("pool",), static_argnames=("shape",))
+        def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape):
+            f = self._unpack(packed, shape)
+            tokens_T = jnp.where(f["prev_src"] >= 0, prev_sampled[jnp.maximum(f["prev_src"], 0)], f["tokens"])
+            batch = PagedBatch(f["slot_page"], f["slot_offset"], f["decode_pages"], f["prefill_pages"],
+                               shape.num_decode, self.prefill_block)
+            hidden_TD, pool, top = model.forward(params, tokens_T, f["positions"], pool, batch)
+            logits_SV = top.logits(hidden_TD[f["sample_index"]])
+            sampling = SamplingBatch(f["temperature"], f["top_p"], f["top_k"], f["min_p"],
+                                     jax.lax.bitcast_convert_type(f["seed"], jnp.uint32), f["step"])
+            tokens_S, logprobs_S, top_lp = sample(logits_SV, sampling, shape.num_logprobs)
+            sampled = jnp.zeros(max_rows, jnp.int32).at[: tokens_S.shape[0]].set(tokens_S)
+            return _replicate((tokens_S, logprobs_S, top_lp)), _replicate(sampled), pool
 
         @jax.jit
-        def forward_logits(state, tokens_BT, positions_BT):
-            model = nnx.merge(graph, state)
-            hidden_BTD, _, _ = model(tokens_BT, positions_BT, None)
-            return replicated(model.logits(hidden_BTD))
+        def forward_logits(params, tokens_T, positions_T):
+            hidden_TD, _, top = model.forward(params, tokens_T, positions_T)
+            return _replicate(top.logits(hidden_TD))
 
         self.step_fn = step
         self.forward_logits_fn = forward_logits
 
+    # -- inspection ----------------------------------------------------------------------------------------
+    @property
+    def state(self) -> nnx.State:
+        """The parameters one state per layer, as loaded (a copy, for inspection and tests)."""
+        return self.model.unstacked(self.params)[1]
+
+    def compilations(self) -> int:
+        """Compiled variants of the step so far (tests bound it; nothing should compile after warm-up)."""
+        return self.step_fn._cache_size()
+
+    # -- inputs --------------------------------------------------------------------------------------------
+    def _unpack(self, packed, shape: StepShape) -> dict:
+        out = {}
+        for name, (offset, dims) in layout(shape, self.prefill_block, self.max_pages).items():
+            if name == "_size":
+                continue
+            x = packed[offset: offset + int(np.prod(dims))].reshape(dims)
+            out[name] = jax.lax.bitcast_convert_type(x, jnp.float32) if name in _FLOAT_FIELDS else x
+        return out
+
+    def _buffer(self, shape: StepShape) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The preallocated host buffer of a shape, reset to padding, and writable views of its fields."""
+        lay = layout(shape, self.prefill_block, self.max_pages)
+        ring = self._buffers.setdefault(shape, [])
+        buf = np.zeros(lay["_size"][0], np.int32) if len(ring) < _RING else ring.pop(0)
+        ring.append(buf)
+        views = {}
+        for name, (offset, dims) in lay.items():
+            if name != "_size":
+                v = buf[offset: offset + int(np.prod(dims))].reshape(dims)
+                views[name] = v.view(np.float32) if name in _FLOAT_FIELDS else v
+        buf[:] = 0
+        views["prev_src"][:] = -1
+        views["positions"][:] = -1
+        views["slot_page"][:] = self.num_pages  # out of range: the write is dropped
+        views["top_p"][:] = 1.0
+        return buf, views
+
+    def prepare(self, scheduled: ScheduledStep, num_logprobs: int):
+        """Fill the packed input of a schedule; returns (shape, buffer, sample rows)."""
+        qb = self.prefill_block
+        slots = sum(-(-c.length // qb) * qb for c in scheduled.prefills)
+        shape = self.buckets.shape(len(scheduled.decodes), slots, num_logprobs)
+        buf, f = self._buffer(shape)
+        d = shape.num_decode
+        rows: list = [None] * (d + shape.num_prefill // qb)
+        ps = self.page_size
+
+        def place(chunk, first_token, table_row, row):
+            seq, start, n = chunk.seq, chunk.start, chunk.length
+            ids = seq.tokens(start, start + n)
+            sl = slice(first_token, first_token + n)
+            known = [0 if t is None else t for t in ids]
+            f["tokens"][sl] = known
+            if None in ids:  # only a decode's input can still be in flight: it is the previous step's output
+                f["prev_src"][first_token] = seq.sample_row
+            pos = np.arange(start, start + n, dtype=np.int32)
+            f["positions"][sl] = pos
+            pages = np.asarray(seq.pages, np.int32)
+            f["slot_page"][sl] = pages[pos // ps]
+            f["slot_offset"][sl] = pos % ps
+            table_row[: len(seq.pages)] = pages
+            if chunk.samples:
+                f["sample_index"][row] = first_token + n - 1
+                p = seq.params
+                f["temperature"][row], f["top_p"][row] = p.temperature, p.top_p
+                f["top_k"][row], f["min_p"][row] = p.top_k, p.min_p
+                f["seed"][row] = np.uint32(seq.seed & 0xFFFFFFFF).view(np.int32)
+                f["step"][row] = len(seq.output_ids)
+                rows[row] = seq
+
+        for i, chunk in enumerate(scheduled.decodes):
+            place(chunk, i, f["decode_pages"][i], i)
+        block = 0
+        for chunk in scheduled.prefills:
+            nblocks = -(-chunk.length // qb)
+            for b in range(block, block + nblocks):
+                f["prefill_pages"][b][: len(chunk.seq.pages)] = chunk.seq.pages
+            place(chunk, d + block * qb, f["prefill_pages"][block], d + block)
+            block += nblocks
+        return shape, buf, rows
+
+    # -- running -------------------------------------------------------------------------------------------
     def _context(self):
         stack = contextlib.ExitStack()
         stack.enter_context(jax.default_matmul_precision(self.matmul_precision))
@@ -72,14 +262,51 @@ class ModelRunner:
             stack.enter_context(jax.set_mesh(self.mesh))
         return stack
 
-    def step(self, tokens_BT, positions_BT, last_B, cache, sampling, num_logprobs=0):
+    def _run(self, shape: StepShape, buf: np.ndarray):
+        packed = jax.device_put(buf, self._replicated)
+        before = self.compilations() if self.warmed_up else None
         with self._context():
-            return self.step_fn(self.state, tokens_BT, positions_BT, last_B, cache, sampling, num_logprobs)
+            (tokens, logprobs, top), self._prev, self.pool = self.step_fn(
+                self.params, self.pool, packed, self._prev, shape)
+        if before is not None and self.compilations() != before:
+            self.unexpected_compilations += 1
+            logger.warning("step shape %s compiled after warm-up", shape)
+        return tokens, logprobs, top
 
-    def forward_logits(self, tokens_BT, positions_BT):
+    def launch(self, scheduled: ScheduledStep, num_logprobs: int = 0) -> InFlight:
+        """Start a step on the device and its results' copy to the host; returns without waiting."""
+        shape, buf, rows = self.prepare(scheduled, num_logprobs)
+        tokens, logprobs, top = self._run(shape, buf)
+        for x in (tokens, logprobs, *(top or ())):
+            x.copy_to_host_async()
+        sampled = []
+        for row, seq in enumerate(rows):
+            if seq is not None:
+                seq.sample_row = row
+                sampled.append((row, seq, len(seq.output_ids)))
+                seq.output_ids.append(None)
+        return InFlight(scheduled, sampled, tokens, logprobs, top)
+
+    def warmup(self) -> int:
+        """Compile every step shape (with all-padding inputs, which write nothing); returns how many."""
+        shapes = self.buckets.all_shapes()
+        for shape in shapes:
+            buf, _ = self._buffer(shape)
+            jax.block_until_ready(self._run(shape, buf))
+        self.warmed_up = True
+        return len(shapes)
+
+    def forward_logits(self, tokens_T, positions_T):
         with self._context():
-            return self.forward_logits_fn(self.state, tokens_BT, positions_BT)
+            return self.forward_logits_fn(self.params, tokens_T, positions_T)
 
-    def compilations(self) -> int:
-        """Number of compiled variants of the step function so far (tests use it to catch recompiles)."""
-        return self.step_fn._cache_size()
+
+def _replicate(tree):
+    """Constrain results to be replicated over the mesh in context, so that every process can read them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.axis_names:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec()), tree)
+
+
+__all__ = ["Buckets", "InFlight", "ModelRunner", "StepShape", "bucket", "MAX_LOGPROBS"]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.engine import cache as kv
+from moejax.layers.kv_cache import LayerKV
 from moejax.layers.linear import Linear, param
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
@@ -77,8 +77,11 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.sinks = param((c.num_heads,), dtype, ("heads",), init="zeros") if c.attention_sinks else None
 
-    def __call__(self, x_BTD, positions_BT, cache_kv=None, window: int | None = None):
-        """Returns (output [B, T, D], updated (k, v) cache buffers or None)."""
+    def __call__(self, x_BTD, positions_BT, kv: LayerKV | None = None, window=None):
+        """Returns (output [B, T, D], kv with this step's keys written, or None).
+
+        Without `kv`, the tokens attend causally among themselves (a cache-free forward). With it, B is 1: the
+        step's flat tokens are written to their pages and attend over their sequences' pages."""
         c = self.config
         b, t, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -94,16 +97,13 @@ class Attention(nnx.Module):
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
         q_BTHD = apply_rope(q_BTHD, positions_BT, c.rope)
         k_BTKD = apply_rope(k_BTKD, positions_BT, c.rope)
-
-        if cache_kv is None:
-            keys, values, k_pos_BS, new_cache = k_BTKD, v_BTKD, positions_BT, None
-        else:
-            k_cache, v_cache = cache_kv
-            keys = kv.write(k_cache, k_BTKD, positions_BT)
-            values = kv.write(v_cache, v_BTKD, positions_BT)
-            k_pos_BS = jnp.broadcast_to(jnp.arange(keys.shape[1])[None, :], (b, keys.shape[1]))
-            new_cache = (keys, values)
-        mask = attention_mask(positions_BT, k_pos_BS, window)
         sinks = self.sinks[...] if self.sinks is not None else None
-        out_BTHD = attend(q_BTHD, keys.astype(q_BTHD.dtype), values.astype(q_BTHD.dtype), mask, c.softmax_scale, sinks)
-        return self.o_proj(out_BTHD.reshape(b, t, -1)), new_cache
+
+        if kv is None:
+            mask = attention_mask(positions_BT, positions_BT, window)
+            out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask, c.softmax_scale, sinks)
+        else:
+            kv = kv.write(k_BTKD[0], v_BTKD[0])
+            out_BTHD = kv.attend(q_BTHD[0], positions_BT[0], scale=c.softmax_scale, window=window,
+                                 sinks_H=sinks)[None]
+        return self.o_proj(out_BTHD.reshape(b, t, -1)), kv

@@ -1,7 +1,7 @@
 """Multi-head latent attention (DeepSeek-V2/V3): the cache holds the compressed latent, not per-head K/V.
 
 Per token and layer the cache keeps kv_lora_rank + qk_rope_head_dim values (the normed latent and the shared
-rotary key). With a cache, kv_b_proj is absorbed: queries move into latent space (q_nope @ W_uk) and attention
+rotary key). With a paged cache, kv_b_proj is absorbed: queries move into latent space (q_nope @ W_uk) and attention
 output comes back through W_uv, so per-head keys and values are never expanded. Without a cache (training,
 `LLM.logits`) the expanded computation runs; a test checks the two agree.
 """
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.engine import cache as kv
 from moejax.layers.attention import attend, attention_mask
+from moejax.layers.kv_cache import LayerKV
 from moejax.layers.linear import Linear
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
@@ -64,22 +64,20 @@ class MLAttention(nnx.Module):
             c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
         return w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
 
-    def __call__(self, x_BTD, positions_BT, cache_kv=None, window: int | None = None):
+    def __call__(self, x_BTD, positions_BT, kv: LayerKV | None = None, window=None):
         c = self.config
         b, t, _ = x_BTD.shape
         q_nope, q_rope = self._queries(x_BTD)
         q_rope = apply_rope(q_rope, positions_BT, c.rope)
         latent, k_rope = self._latent(x_BTD, positions_BT)
-        if cache_kv is None:
+        if kv is None:
             out = self.expanded(q_nope, q_rope, latent, k_rope, positions_BT)
             return self.o_proj(out.reshape(b, t, -1)), None
-        # [batch, seq, 1, kv_lora + rope]: what the cache stores
-        entry = jnp.concatenate([latent, k_rope], axis=-1)[:, :, None, :]
-        cache = kv.write(cache_kv[0], entry, positions_BT)
-        k_pos = jnp.broadcast_to(jnp.arange(cache.shape[1])[None, :], (b, cache.shape[1]))
-        mask = attention_mask(positions_BT, k_pos, window)
-        out = self.absorbed(q_nope, q_rope, cache.astype(x_BTD.dtype), mask)
-        return self.o_proj(out.reshape(b, t, -1)), (cache, None)
+        # [tokens, 1, kv_lora + rope]: what the cache stores
+        entry = jnp.concatenate([latent, k_rope], axis=-1)[0][:, None, :]
+        kv = kv.write(entry)
+        out = self.absorbed(q_nope[0], q_rope[0], kv, positions_BT[0], window)[None]
+        return self.o_proj(out.reshape(b, t, -1)), kv
 
     def expanded(self, q_nope, q_rope, latent, k_rope, positions_BT):
         """Per-head keys and values from the latent, then ordinary attention: [B, T, H, v]."""
@@ -93,15 +91,14 @@ class MLAttention(nnx.Module):
         mask = attention_mask(positions_BT, positions_BT, None)
         return attend(q, k, v, mask, c.softmax_scale)
 
-    def absorbed(self, q_nope, q_rope, cache_BS1L, mask):
-        """Attention in latent space against the cache: one shared 'kv head' for all query heads."""
+    def absorbed(self, q_nope_THN, q_rope_THR, kv: LayerKV, positions_T, window):
+        """Attention in latent space over the latent pages: one shared 'kv head' for all query heads."""
         c = self.config
         w_uk, w_uv = self._kv_b()
-        # [batch, seq, heads, kv_lora]
-        q_latent = jnp.einsum("bthn,lhn->bthl", q_nope, w_uk.astype(q_nope.dtype),
-                              preferred_element_type=jnp.float32).astype(q_nope.dtype)
-        q = jnp.concatenate([q_latent, q_rope], axis=-1)
-        values = cache_BS1L[..., : c.kv_lora_rank]
-        out_latent = attend(q, cache_BS1L, values, mask, c.softmax_scale)
-        return jnp.einsum("bthl,lhv->bthv", out_latent, w_uv.astype(out_latent.dtype),
-                          preferred_element_type=jnp.float32).astype(q_nope.dtype)
+        # [tokens, heads, kv_lora]
+        q_latent = jnp.einsum("thn,lhn->thl", q_nope_THN, w_uk.astype(q_nope_THN.dtype),
+                              preferred_element_type=jnp.float32).astype(q_nope_THN.dtype)
+        q = jnp.concatenate([q_latent, q_rope_THR], axis=-1)
+        out_latent = kv.attend(q, positions_T, scale=c.softmax_scale, window=window, value_dim=c.kv_lora_rank)
+        return jnp.einsum("thl,lhv->thv", out_latent, w_uv.astype(out_latent.dtype),
+                          preferred_element_type=jnp.float32).astype(q_nope_THN.dtype)

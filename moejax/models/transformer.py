@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.engine.cache import KVCache
 from moejax.layers.attention import Attention
+from moejax.layers.kv_cache import KVPool, LayerKV, PagedBatch
 from moejax.layers.linear import Embed, Linear
 from moejax.layers.mla import MLAttention
 from moejax.layers.mlp import MLP
@@ -18,7 +18,6 @@ from moejax.layers.norms import RMSNorm
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs | None = None):
-        self.window = config.window(layer)
         self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.attn = (MLAttention if config.is_mla else Attention)(config, dtype=dtype, rngs=rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
@@ -27,15 +26,16 @@ class DecoderLayer(nnx.Module):
         else:
             self.moe, self.mlp = None, MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, cache_kv=None):
-        attn_out, cache_kv = self.attn(self.input_norm(x_BTD), positions_BT, cache_kv, self.window)
+    def __call__(self, x_BTD, positions_BT, kv: LayerKV | None = None, window=None):
+        """window: this layer's sliding window (config.window(layer)); a traced int when layers are scanned."""
+        attn_out, kv = self.attn(self.input_norm(x_BTD), positions_BT, kv, window)
         x_BTD = x_BTD + attn_out
         h = self.post_attn_norm(x_BTD)
         if self.moe is not None:
             mlp_out, router_logits = self.moe(h)
         else:
             mlp_out, router_logits = self.mlp(h), None
-        return x_BTD + mlp_out, cache_kv, router_logits
+        return x_BTD + mlp_out, kv, router_logits
 
 
 class MoETransformer(nnx.Module):
@@ -49,21 +49,21 @@ class MoETransformer(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens_BT, positions_BT, cache: KVCache | None = None):
-        """Returns (hidden [B, T, D] before the final norm, new cache or None, router logits per MoE layer)."""
+    def __call__(self, tokens_BT, positions_BT, pool: KVPool | None = None, batch: PagedBatch | None = None):
+        """Returns (hidden [B, T, D] before the final norm, updated pool or None, router logits per MoE layer).
+
+        Layers run one after the other here (training, tests); the engine runs them scanned (models/stacked.py).
+        With a pool, B is 1 and `batch` says where the flat tokens' keys go."""
         x = self.embed(tokens_BT)
-        new_k, new_v, router_logits = [], [], []
+        router_logits = []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i] if cache.v else None)
-            x, layer_cache, logits = layer(x, positions_BT, layer_cache)
-            if layer_cache is not None:
-                new_k.append(layer_cache[0])
-                if layer_cache[1] is not None:
-                    new_v.append(layer_cache[1])
+            kv = None if pool is None else LayerKV(pool, batch, i)
+            x, kv, logits = layer(x, positions_BT, kv, self.config.window(i))
+            if kv is not None:
+                pool = kv.pool
             if logits is not None:
                 router_logits.append(logits)
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-        return x, new_cache, router_logits
+        return x, pool, router_logits
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm and lm_head in float32: [..., D] -> [..., vocab]."""

@@ -11,7 +11,7 @@ from flax import nnx
 from moejax import LLM
 from moejax.checkpoints.hf_writer import save_safetensors
 from moejax.checkpoints.safetensors import SafetensorsReader
-from moejax.engine import cache as kv
+from moejax.layers import kv_cache as kv
 from moejax.plan.memory import kv_bytes_per_token
 from tests.hf_models import assert_matches_transformers, make_deepseek
 
@@ -42,10 +42,20 @@ def test_mla_cache_holds_the_latent_only(deepseek):
     c = llm.config
     per_token = c.num_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4  # float32
     assert kv.kv_bytes_per_token(c, jnp.float32) == per_token == kv_bytes_per_token(c, "float32")
-    cache = kv.init_cache(c, 2, 64, jnp.float32)
-    assert cache.v == () and all(k.shape == (2, 64, 1, 24) for k in cache.k)
-    assert cache.nbytes == 2 * 64 * per_token
+    pool = llm.runner.pool
+    assert pool.v is None and pool.k.shape == (c.num_layers, pool.num_pages, pool.page_size, 1, 24)
+    assert pool.nbytes == pool.num_pages * pool.page_size * per_token
     assert per_token < c.num_layers * 2 * c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim) * 4 / 4
+
+
+def _one_sequence_batch(positions, pages, page_size, num_decode):
+    """PagedBatch for one sequence's tokens at `positions`: one decode token, or one prefill block."""
+    pos = np.asarray(positions)
+    table = jnp.asarray([pages], jnp.int32)
+    empty = jnp.zeros((0, len(pages)), jnp.int32)
+    return kv.PagedBatch(jnp.asarray(np.asarray(pages)[pos // page_size], jnp.int32),
+                         jnp.asarray(pos % page_size, jnp.int32), table if num_decode else empty,
+                         empty if num_decode else table, num_decode, 1 if num_decode else len(pos))
 
 
 def test_absorbed_decode_equals_expanded(deepseek):
@@ -53,13 +63,16 @@ def test_absorbed_decode_equals_expanded(deepseek):
     model = nnx.merge(llm.runner.graphdef, llm.runner.state)
     attn = model.layers[1].attn
     rng = np.random.default_rng()
-    x = jnp.asarray(rng.standard_normal((2, 12, 64)), jnp.float32)
-    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    x = jnp.asarray(rng.standard_normal((1, 12, 64)), jnp.float32)
+    positions = jnp.arange(12)[None]
     expanded, _ = attn(x, positions)
-    buf = jnp.zeros(kv.cache_shape(llm.config, 2, 16), jnp.float32)
-    # Prefill the first 11 tokens into the latent cache, then decode the 12th against it.
-    prefill, (buf, _) = attn(x[:, :11], positions[:, :11], (buf, None))
-    decode, _ = attn(x[:, 11:], positions[:, 11:], (buf, None))
+    pool = kv.init_pool(llm.config, num_pages=5, page_size=4, dtype=jnp.float32)
+    pages = [3, 1, 4]  # out of order on purpose
+    # Prefill the first 11 tokens into the latent pages, then decode the 12th against them.
+    prefill, layer_kv = attn(x[:, :11], positions[:, :11], kv.LayerKV(pool, _one_sequence_batch(
+        range(11), pages, 4, 0), 1))
+    decode, _ = attn(x[:, 11:], positions[:, 11:], kv.LayerKV(layer_kv.pool, _one_sequence_batch(
+        [11], pages, 4, 1), 1))
     absorbed = jnp.concatenate([prefill, decode], axis=1)
     np.testing.assert_allclose(np.asarray(absorbed), np.asarray(expanded), rtol=1e-5, atol=1e-5)
 

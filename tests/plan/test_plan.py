@@ -13,7 +13,6 @@ import pytest
 from moejax import LLM
 from moejax.checkpoints.hf import flat_params
 from moejax.config import ModelConfig
-from moejax.engine import cache as kv
 from moejax.models import build_abstract
 from moejax.plan.memory import GIB, Mesh, plan_memory
 from moejax.plan.params import count_params, inventory
@@ -74,12 +73,9 @@ def allocated_bytes_per_device(state) -> int:
 def test_predicted_bytes_equal_engine_allocation(hf_model_dir, family, tp, ep, dp):
     llm = LLM(hf_model_dir(family), tensor_parallel_size=tp, expert_parallel_size=ep, data_parallel_size=dp)
     assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
-    # KV cache: per device, a token costs exactly the planned bytes.
-    batch, length = 4, 128
-    shape = kv.cache_shape(llm.config, batch, length)
-    cache = kv.init_cache(llm.config, batch, length, llm.dtype, sharding_for_axes(llm.mesh, kv.CACHE_AXES, shape))
-    tokens_per_device = batch // dp * length
-    assert allocated_bytes_per_device(cache) == llm.memory_plan.kv_bytes_per_token * tokens_per_device
+    # KV cache: per device, a token of the engine's page pool costs exactly the planned bytes.
+    pool = llm.runner.pool
+    assert allocated_bytes_per_device(pool) == llm.memory_plan.kv_bytes_per_token * pool.num_pages * pool.page_size
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])

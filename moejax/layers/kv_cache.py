@@ -1,0 +1,112 @@
+"""The paged KV cache: page pools of every layer, where a step's tokens are written, and attention over them.
+
+Pools are [layers, pages, page_size, kv_heads, head_dim] for K and V (MLA: the latent and the rotary key in
+`k`, no `v`). A step's tokens are flat: the first `num_decode` are decode tokens, one per sequence; the rest are
+prefill chunks cut into blocks of `prefill_block` tokens, each block holding tokens of one sequence only. Every
+token has a slot (page, offset) its key is written to (page = num_pages drops the write: padding). Each decode
+token and each prefill block has its sequence's page table row. Page 0 is never handed out, so padded page
+table entries point at a harmless page. The engine fills these arrays; layers only read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from moejax import kernels
+from moejax.config import ModelConfig
+
+POOL_AXES = (None, None, None, "kv_heads", "head_dim")  # [layers, pages, page_size, kv_heads, head_dim]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVPool:
+    k: jax.Array  # [layers, pages, page_size, kv_heads, head_dim]
+    v: jax.Array | None
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.k, self.v) if a is not None)
+
+
+def pool_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+    if config.is_mla:
+        return (config.num_layers, num_pages, page_size, 1, config.kv_lora_rank + config.qk_rope_head_dim)
+    return (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+
+
+def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVPool:
+    shape = pool_shape(config, num_pages, page_size)
+
+    def zeros():
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+    return KVPool(k=zeros(), v=None if config.is_mla else zeros())
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
+    """Bytes one token occupies in the cache, summed over layers (unsharded)."""
+    per_layer = (config.kv_lora_rank + config.qk_rope_head_dim) if config.is_mla else \
+        2 * config.num_kv_heads * config.head_dim
+    return config.num_layers * per_layer * jnp.dtype(dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+    """Where one step's T flat tokens live in the pages (the step's `cache_meta`)."""
+
+    slot_page_T: jax.Array  # int32 [T]: page each token's key goes to; num_pages for padding
+    slot_offset_T: jax.Array  # int32 [T]: offset inside that page
+    decode_pages_DP: jax.Array  # int32 [num_decode, max_pages]: page table of each decode token's sequence
+    prefill_pages_BP: jax.Array  # int32 [T - num_decode) / prefill_block, max_pages]: one row per block
+    num_decode: int = dataclasses.field(metadata=dict(static=True), default=0)
+    prefill_block: int = dataclasses.field(metadata=dict(static=True), default=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """One layer's view of the pools for one step: write this step's keys, then attend over the pages."""
+
+    pool: KVPool
+    batch: PagedBatch
+    layer: jax.Array | int
+
+    def write(self, k_TKD, v_TKD=None) -> "LayerKV":
+        b = self.batch
+        page, off = b.slot_page_T, b.slot_offset_T
+        k = self.pool.k.at[self.layer, page, off].set(k_TKD.astype(self.pool.k.dtype), mode="drop")
+        v = self.pool.v
+        if v is not None:
+            v = v.at[self.layer, page, off].set(v_TKD.astype(v.dtype), mode="drop")
+        return dataclasses.replace(self, pool=KVPool(k, v))
+
+    def attend(self, q_THD, positions_T, *, scale, window, sinks_H=None, value_dim=None):
+        """[T, heads, dim] queries -> [T, heads, value dim], decode tokens and prefill blocks alike."""
+        b = self.batch
+        t, h, d = q_THD.shape
+        nd, qb = b.num_decode, b.prefill_block
+        common = dict(scale=scale, window=window, sinks_H=sinks_H, value_dim=value_dim)
+        parts = []
+        if nd:
+            parts.append(kernels.paged_attention(
+                q_THD[:nd, None], positions_T[:nd, None], b.decode_pages_DP, self.pool.k, self.pool.v,
+                self.layer, **common)[:, 0])
+        if t > nd:
+            nb = (t - nd) // qb
+            out = kernels.paged_attention(
+                q_THD[nd:].reshape(nb, qb, h, d), positions_T[nd:].reshape(nb, qb), b.prefill_pages_BP,
+                self.pool.k, self.pool.v, self.layer, **common)
+            parts.append(out.reshape(t - nd, h, -1))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)

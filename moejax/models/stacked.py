@@ -1,0 +1,95 @@
+"""The engine's form of a model: runs of identically built layers stacked on a leading axis, run under lax.scan.
+
+XLA compiles one layer body per run instead of one per layer, which is what keeps compiling a 48- or 94-layer
+model in seconds. A run is a maximal stretch of consecutive layers with the same graph (DeepSeek's dense first
+layers are one run, its MoE layers another); per-layer differences that are data (GPT-OSS's alternating
+sliding windows) are scanned over as arrays. Parameters are stacked once, one leaf at a time with its source
+freed, so loading needs at most one stacked leaf of extra memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.kernels.attention_reference import NO_WINDOW
+from moejax.layers.kv_cache import KVPool, LayerKV, PagedBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    start: int
+    stop: int
+    graphdef: nnx.GraphDef
+
+
+def _stacked_sharding(x):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+    return None
+
+
+def _stack(arrays, free: bool):
+    out = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=_stacked_sharding(arrays[0]))(*arrays)
+    if free:
+        for a in arrays:
+            a.delete()
+    return out
+
+
+class StackedModel:
+    """Pure functions over `params` = {"top": embeddings, final norm, lm_head; "runs": stacked layer states}."""
+
+    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, *, free_source: bool = True):
+        model = nnx.merge(graphdef, state)
+        self.config = model.config
+        parts = [nnx.split(layer) for layer in model.layers]
+        model.layers = nnx.List([])
+        self.top_graphdef, top_state = nnx.split(model)
+        runs, start = [], 0
+        for i in range(1, len(parts) + 1):
+            if i == len(parts) or parts[i][0] != parts[start][0]:
+                runs.append(Run(start, i, parts[start][0]))
+                start = i
+        self.runs = tuple(runs)
+        self.windows = np.asarray([self.config.window(i) or NO_WINDOW for i in range(len(parts))], np.int32)
+        stacked = [jax.tree.map(lambda *xs: _stack(xs, free_source), *[parts[j][1] for j in range(r.start, r.stop)])
+                   for r in self.runs]
+        self.params = {"top": top_state, "runs": stacked}
+
+    def unstacked(self, params=None) -> tuple[nnx.GraphDef, nnx.State]:
+        """The model as it was loaded, one state per layer (a copy: for inspection and tests)."""
+        params = self.params if params is None else params
+        model = nnx.merge(self.top_graphdef, params["top"])
+        layers = []
+        for run, stacked in zip(self.runs, params["runs"]):
+            for j in range(run.stop - run.start):
+                layers.append(nnx.merge(run.graphdef, jax.tree.map(lambda x: x[j], stacked)))
+        model.layers = nnx.List(layers)
+        return nnx.split(model)
+
+    def forward(self, params, tokens_T, positions_T, pool: KVPool | None = None, batch: PagedBatch | None = None):
+        """Flat tokens [T] -> (hidden [T, D] before the final norm, updated pool, the top module for logits).
+
+        Without a pool the tokens are one sequence attending causally among themselves."""
+        top = nnx.merge(self.top_graphdef, params["top"])
+        x = top.embed(tokens_T[None])
+        positions_BT = positions_T[None]
+        for run, run_params in zip(self.runs, params["runs"]):
+            xs = (run_params, jnp.arange(run.start, run.stop), jnp.asarray(self.windows[run.start:run.stop]))
+
+            def body(carry, xs, run=run):
+                x, pool = carry
+                layer_params, i, window = xs
+                layer = nnx.merge(run.graphdef, layer_params)
+                kv = None if pool is None else LayerKV(pool, batch, i)
+                x, kv, _ = layer(x, positions_BT, kv, window)
+                return (x, None if kv is None else kv.pool), None
+
+            (x, pool), _ = jax.lax.scan(body, (x, pool), xs)
+        return x[0], pool, top
