@@ -140,7 +140,12 @@ def run_offline(llm, requests: list[dict], prefix: str) -> dict:
 def host_gap(llm, prompts: list[list[int]], steps: int, wall_ms: float | None, workdir: str) -> dict:
     """Wall vs device time of a decode step: both from generate(1 + steps) minus generate(1), the device time read
     from a profiler trace of each call."""
+    import jax
+
     from moejax.bench.device_time import device_seconds
+
+    if jax.default_backend() == "cpu":
+        return {"wall_ms": wall_ms, "device_ms": None, "note": "the CPU backend has no separate device time"}
 
     def gen(n):
         return lambda: llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(n), use_tqdm=False)

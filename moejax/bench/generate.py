@@ -78,7 +78,8 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {lo} {hi}")
     too_big = [b for b in [*args.batch, *args.host_gap_batches] if not 1 <= b <= args.max_num_seqs]
     if too_big:
-        raise ValueError(f"--batch/--host-gap-batches {too_big}: each must be in [1, --max-num-seqs={args.max_num_seqs}]")
+        raise ValueError(f"--batch/--host-gap-batches {too_big}: each must be in "
+                         f"[1, --max-num-seqs={args.max_num_seqs}]")
     if args.layers is not None and args.layers < 1:
         raise ValueError(f"--layers must be positive, got {args.layers}")
 
@@ -225,7 +226,8 @@ def bench_generate(args) -> int:
                 startup[phase] = _worker_result(r, {"cache_mib": _dir_mib(cache)})
             moejax["startup"] = startup
             if startup["cold"]["cache_mib"] == 0:
-                moejax.setdefault("notes", []).append("the compilation cache stayed empty: warm start-up compiled again")
+                moejax.setdefault("notes", []).append(
+                    "the compilation cache stayed empty: warm start-up compiled again")
         sections = ["rooflines"]
         if not args.no_moejax:
             sections += ["decode", "prefill", "throughput"]
@@ -256,9 +258,10 @@ def bench_generate(args) -> int:
         if args.no_peer:
             peers = {k: {"skipped": "--no-peer"} for k in peers}
         else:
-            peer_common = {"device": args.peer_device}
+            peer_common = {"device": args.peer_device, "kv_cache_tokens": args.kv_cache_tokens}
             _log("transformers generate")
-            r = run_worker([sys.executable, PEER_SCRIPT, spec_file("peer-generate", {**peer_common, "role": "generate"})],
+            r = run_worker([sys.executable, PEER_SCRIPT,
+                            spec_file("peer-generate", {**peer_common, "role": "generate"})],
                            "transformers generate", _env(), args.worker_timeout)
             peers["transformers_generate"] = _worker_result(r)
             if peers["transformers_generate"].get("skipped"):
@@ -314,9 +317,9 @@ def header(results: dict) -> str:
     lines = [f"model: {m['architectures']} with {m['layers']} layers, {m['params'] / 1e9:.2f}B parameters "
              f"({m['active_params'] / 1e9:.2f}B active), random bf16 weights"]
     if r.get("hbm_bytes_per_s") or r.get("matmul_flops_per_s"):
-        bw = f"{r['hbm_bytes_per_s'] / 1e12:.2f} TB/s ({r['copy_bytes'] / GIB:.2f} GiB copy, read + write)" \
+        bw = f"{r['hbm_bytes_per_s'] / 1e12:.3g} TB/s ({r['copy_bytes'] / GIB:.3g} GiB copy, read + write)" \
             if r.get("hbm_bytes_per_s") else "HBM bandwidth failed"
-        mm = f"{r['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s (bf16 {r['matmul_n']}^3 jnp.dot)" \
+        mm = f"{r['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s (bf16 {r['matmul_n']}^3 jnp.dot)" \
             if r.get("matmul_flops_per_s") else "matmul rate failed"
         lines.append(f"rooflines measured in this run on {r.get('device')} (jax {r.get('jax')}): {bw}, {mm}")
     else:
@@ -325,7 +328,8 @@ def header(results: dict) -> str:
 
 
 def build_table(results: dict, args, peer_requests: int) -> Table:
-    moe, gen, cb = results.get("moejax"), results.get("transformers_generate"), results.get("transformers_generate_batch")
+    moe, gen = results.get("moejax"), results.get("transformers_generate")
+    cb = results.get("transformers_generate_batch")
     bounds = results.get("bounds") or {}
     bound_missing = Missing(bounds["error"], error=True) if "error" in bounds else Missing()
 
@@ -338,9 +342,9 @@ def build_table(results: dict, args, peer_requests: int) -> Table:
     t = Table()
     r = results.get("rooflines") or {}
     t.add("HBM bandwidth, TB/s (measured)", Missing(), Missing(), Missing(),
-          r["hbm_bytes_per_s"] / 1e12 if r.get("hbm_bytes_per_s") else bound_missing)
+          r["hbm_bytes_per_s"] / 1e12 if r.get("hbm_bytes_per_s") else bound_missing, fmt="{:.3g}")
     t.add("bf16 matmul, TFLOP/s (measured)", Missing(), Missing(), Missing(),
-          r["matmul_flops_per_s"] / 1e12 if r.get("matmul_flops_per_s") else bound_missing, fmt="{:.1f}")
+          r["matmul_flops_per_s"] / 1e12 if r.get("matmul_flops_per_s") else bound_missing, fmt="{:.3g}")
     for b in args.batch:
         k = str(b)
         t.add(f"decode batch {b}, ms/step", lookup(moe, ("decode", k, "ms_per_step"), (f"decode b={b}", "engine")),

@@ -145,12 +145,29 @@ def run_generate_batch(spec: dict, workload: dict, results: dict) -> None:
     config = tf.GenerationConfig(do_sample=False, max_new_tokens=max(r["max_tokens"] for r in requests),
                                  eos_token_id=-1, pad_token_id=0)  # eos -1: never stop early (ignore_eos)
     if hasattr(model, "continuous_batching_context_manager"):
-        _guarded(results, "throughput", lambda: _managed(model, config, requests, results))
+        kv_tokens = spec.get("kv_cache_tokens")
+        _guarded(results, "throughput", lambda: _managed(model, config, requests, kv_tokens, results))
     else:
         _guarded(results, "throughput", lambda: _one_call(model, config, requests, results))
 
 
-def _managed(model, config, requests: list[dict], results: dict) -> None:
+def _cb_config(model, requests: list[dict], kv_tokens: int | None):
+    """transformers' defaults, except the KV cache size: moejax's --kv-cache-tokens when given; on the CPU
+    (where sizing it from free memory takes long and finds the whole RAM) just what the workload needs."""
+    import transformers as tf
+
+    if not hasattr(tf, "ContinuousBatchingConfig"):
+        return None
+    config = tf.ContinuousBatchingConfig()
+    page = getattr(config, "page_size", None) or getattr(config, "block_size", None) or 256
+    if kv_tokens is None and model.device.type == "cpu":
+        kv_tokens = sum(len(r["prompt"]) + r["max_tokens"] for r in requests) + page * len(requests)
+    if kv_tokens is not None:
+        config.num_blocks = -(-kv_tokens // page)
+    return config
+
+
+def _managed(model, config, requests: list[dict], kv_tokens: int | None, results: dict) -> None:
     """The manager under generate_batch, fed request by request so that each keeps its own max_new_tokens."""
     hints = None
     try:
@@ -161,10 +178,11 @@ def _managed(model, config, requests: list[dict], results: dict) -> None:
                               num_requests=len(requests))
     except Exception:
         pass
-    # warmup captures CUDA graphs; there are none to capture on the CPU
+    # warmup sizes the cache and captures the CUDA graphs before the clock starts
     kwargs = _accepted(model.continuous_batching_context_manager,
-                       {"generation_config": config, "block": True, "timeout": 5,
-                        "warmup": model.device.type == "cuda", "workload_hints": hints})
+                       {"generation_config": config, "block": True, "timeout": 5, "warmup": True,
+                        "workload_hints": hints,
+                        "continuous_batching_config": _cb_config(model, requests, kv_tokens)})
     t_enter = time.perf_counter()
     track = {}
     with model.continuous_batching_context_manager(**kwargs) as manager:
