@@ -54,10 +54,27 @@ def _use_compilation_cache(results: dict) -> None:
         results["notes"].append("the bench set jax_compilation_cache_dir from MOEJAX_COMPILATION_CACHE")
 
 
-def _build_llm(spec: dict):
+def _build_llm(spec: dict, results: dict):
+    """The engine on random weights. Prefix caching is off unless asked for: the bench repeats prompts, and a
+    cached prefix would turn a repeated prefill into a lookup."""
+    import inspect
+
     from moejax import LLM
 
-    return LLM(spec["model_dir"], load_format="dummy", dtype="bfloat16", **spec["llm_kwargs"])
+    kwargs = dict(spec["llm_kwargs"])
+    if "enable_prefix_caching" in inspect.signature(LLM).parameters:
+        kwargs["enable_prefix_caching"] = bool(spec.get("prefix_caching"))
+    elif "prefix caching" not in " ".join(results["notes"]):
+        results["notes"].append("LLM takes no enable_prefix_caching: prompts are made distinct per call instead")
+    return LLM(spec["model_dir"], load_format="dummy", dtype="bfloat16", **kwargs)
+
+
+def shifted(prompt: list[int], k: int, vocab_size: int) -> list[int]:
+    """The prompt with every token id moved by k steps (the same length, no prefix in common for k != 0), so that
+    repeated calls never hit a prefix cache; ids stay at or above 10 like the workload's."""
+    low = 10 if vocab_size > 100 else 0
+    span = vocab_size - low
+    return [low + (t - low + k * 7919) % span for t in prompt]
 
 
 def _greedy(n: int):
@@ -88,7 +105,7 @@ def startup(spec: dict, workload: dict, results: dict) -> None:
         _use_compilation_cache(results)
         prompt = workload["decode"][min(workload["decode"], key=int)][:1]
         t0 = time.perf_counter()
-        llm = _build_llm(spec)
+        llm = _build_llm(spec, results)
         t1 = time.perf_counter()
         warm = _warmup(llm, results)
         t2 = time.perf_counter()
@@ -179,7 +196,7 @@ def measure(spec: dict, workload: dict, results: dict) -> None:
     with _section(results, "engine"):
         _use_compilation_cache(results)
         t0 = time.perf_counter()
-        llm = _build_llm(spec)
+        llm = _build_llm(spec, results)
         results["construct_s"] = time.perf_counter() - t0
         results["warmup_s"] = _warmup(llm, results)
         _engine_facts(llm, results)
@@ -195,24 +212,33 @@ def measure(spec: dict, workload: dict, results: dict) -> None:
                     llm.generate(prompt_token_ids=prompts, sampling_params=_greedy(n), use_tqdm=False)
 
                 results["decode"][str(batch)] = decode_ms(gen, steps, repeats)
+    vocab = workload["spec"]["vocab_size"]
     if "prefill" in sections:
         with _section(results, "prefill"):
-            prompt = [workload["prefill"]]
-            s = median_s(lambda: llm.generate(prompt_token_ids=prompt, sampling_params=_greedy(1), use_tqdm=False),
-                         repeats)
-            results["prefill"] = {"ms": s * 1e3, "tokens": len(prompt[0])}
+            calls = iter(range(1, 1 << 30))
+
+            def prefill():  # a fresh prompt of the same length each call
+                prompt = [shifted(workload["prefill"], next(calls), vocab)]
+                llm.generate(prompt_token_ids=prompt, sampling_params=_greedy(1), use_tqdm=False)
+
+            results["prefill"] = {"ms": median_s(prefill, repeats) * 1e3, "tokens": len(workload["prefill"])}
     requests = workload["requests"]
+
+    def moved(rs, k):
+        return [{**r, "prompt": shifted(r["prompt"], k, vocab)} for r in rs]
+
     if {"throughput", "throughput_subset"} & sections:
         with _section(results, "throughput warm-up"):
             if not hasattr(llm, "llm_engine"):
                 raise AttributeError("LLM has no llm_engine: the throughput workload needs add_request/step")
-            run_offline(llm, requests[: min(len(requests), 16)], "warm-")
+            warm = [{**r, "max_tokens": min(r["max_tokens"], 16)} for r in requests[: min(len(requests), 16)]]
+            run_offline(llm, moved(warm, 1), "warm-")
     if "throughput" in sections:
         with _section(results, "throughput"):
             results["throughput"] = run_offline(llm, requests, "all-")
     if "throughput_subset" in sections:
         with _section(results, "throughput_subset"):
-            results["throughput_subset"] = run_offline(llm, requests[: spec["peer_requests"]], "sub-")
+            results["throughput_subset"] = run_offline(llm, moved(requests[: spec["peer_requests"]], 2), "sub-")
     if "host_gaps" in sections:
         results.setdefault("host_gaps", {})
         for batch in spec["host_gap_batches"]:

@@ -52,6 +52,8 @@ def add_arguments(p) -> None:
     g.add_argument("--kv-cache-tokens", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--prefix-caching", action="store_true",
+                   help="leave moejax's prefix caching on (off by default: the bench repeats prompts)")
     g.add_argument("--xla-mem-fraction", type=float, default=None,
                    help="XLA_PYTHON_CLIENT_MEM_FRACTION for the moejax processes (default: JAX's own)")
     g.add_argument("--copy-gib", type=float, default=2.0, help="size of the bandwidth-measuring copy")
@@ -203,7 +205,8 @@ def bench_generate(args) -> int:
         cache = os.path.join(work, "compilation-cache")
         os.makedirs(cache)
         common = {"model_dir": model_dir, "workload": workload_path, "workdir": work, "steps": args.steps,
-                  "repeats": args.repeats, "batches": list(args.batch), "peer_requests": peer_requests}
+                  "repeats": args.repeats, "batches": list(args.batch), "peer_requests": peer_requests,
+                  "prefix_caching": args.prefix_caching}
 
         def spec_file(name, payload):
             path = os.path.join(work, f"{name}.json")
