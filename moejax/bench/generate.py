@@ -214,70 +214,10 @@ def bench_generate(args) -> int:
                 json.dump({**common, **payload}, f)
             return path
 
-        jax_env = {"MOEJAX_COMPILATION_CACHE": cache}
-        if args.xla_mem_fraction is not None:
-            jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.xla_mem_fraction)
-        engine = [sys.executable, "-m", "moejax.bench.engine_worker"]
-
-        moejax: dict = {"errors": {}}
-        if not args.no_moejax and not args.no_startup:
-            startup = {}
-            for phase in ("cold", "warm"):
-                _log(f"moejax start-up, {phase} compilation cache")
-                r = run_worker(engine + [spec_file(f"startup-{phase}", {"role": "startup", "llm_kwargs": llm_kwargs})],
-                               f"moejax start-up {phase}", _env(jax_env), args.worker_timeout)
-                startup[phase] = _worker_result(r, {"cache_mib": _dir_mib(cache)})
-            moejax["startup"] = startup
-            if startup["cold"]["cache_mib"] == 0:
-                moejax.setdefault("notes", []).append(
-                    "the compilation cache stayed empty: warm start-up compiled again")
-        sections = ["rooflines"]
-        if not args.no_moejax:
-            sections += ["decode", "prefill", "throughput"]
-            if not args.no_peer and 0 < peer_requests < args.requests:
-                sections.append("throughput_subset")
-            if gap_batches:
-                sections.append("host_gaps")
-        _log("moejax: rooflines" + ("" if args.no_moejax else ", decode, prefill, throughput"))
-        r = run_worker(engine + [spec_file("measure", {
-            "role": "measure", "llm_kwargs": llm_kwargs, "sections": sections,
-            "copy_bytes": int(args.copy_gib * GIB), "matmul_n": args.matmul_n, "roofline_repeats": 10,
-            "host_gap_batches": gap_batches})], "moejax", _env(jax_env), args.worker_timeout)
-        measured = _worker_result(r)
-        rooflines = measured.pop("rooflines", None) or {}
-        for key in ("bandwidth_error", "matmul_error"):
-            if key in rooflines:
-                measured["errors"][key] = rooflines[key]
-        if not rooflines:
-            rooflines = {"error": measured["errors"].get("rooflines") or measured.get("error") or "not measured"}
-        moejax = {**measured, **moejax, "errors": {**measured["errors"], **moejax["errors"]},
-                  "notes": measured.get("notes", []) + moejax.get("notes", [])}
-        if args.no_moejax:
-            moejax = {"skipped": "--no-moejax"}
+        rooflines, moejax = run_moejax(args, spec_file, cache, llm_kwargs, gap_batches, peer_requests)
         results["rooflines"] = rooflines
         results["moejax"] = moejax
-
-        peers = {"transformers_generate": None, "transformers_generate_batch": None}
-        if args.no_peer:
-            peers = {k: {"skipped": "--no-peer"} for k in peers}
-        else:
-            peer_common = {"device": args.peer_device, "kv_cache_tokens": args.kv_cache_tokens}
-            _log("transformers generate")
-            r = run_worker([sys.executable, PEER_SCRIPT,
-                            spec_file("peer-generate", {**peer_common, "role": "generate"})],
-                           "transformers generate", _env(), args.worker_timeout)
-            peers["transformers_generate"] = _worker_result(r)
-            if peers["transformers_generate"].get("skipped"):
-                peers["transformers_generate_batch"] = {"skipped": peers["transformers_generate"]["skipped"]}
-            elif peer_requests == 0:
-                peers["transformers_generate_batch"] = {"skipped": "--peer-requests 0"}
-            else:
-                _log(f"transformers generate_batch, {peer_requests} requests")
-                r = run_worker([sys.executable, PEER_SCRIPT,
-                                spec_file("peer-generate-batch", {**peer_common, "role": "generate_batch"})],
-                               "transformers generate_batch", _env(), args.worker_timeout)
-                peers["transformers_generate_batch"] = _worker_result(r)
-        results.update(peers)
+        results.update(run_peers(args, spec_file, peer_requests))
         results["bounds"] = compute_bounds(config, rooflines, args, workload, peer_requests, llm_kwargs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -291,6 +231,73 @@ def bench_generate(args) -> int:
             json.dump(results, f, indent=1, default=str)
         _log(f"wrote {args.json}")
     return 0
+
+
+def run_moejax(args, spec_file, cache: str, llm_kwargs: dict, gap_batches: list[int], peer_requests: int):
+    """Start-up cold then warm (one process each, one cache directory), then the measuring process; returns
+    (rooflines, moejax results). With --no-moejax only the rooflines are measured."""
+    jax_env = {"MOEJAX_COMPILATION_CACHE": cache}
+    if args.xla_mem_fraction is not None:
+        jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.xla_mem_fraction)
+    engine = [sys.executable, "-m", "moejax.bench.engine_worker"]
+    moejax: dict = {"errors": {}, "notes": []}
+    if not args.no_moejax and not args.no_startup:
+        startup = {}
+        for phase in ("cold", "warm"):
+            _log(f"moejax start-up, {phase} compilation cache")
+            r = run_worker(engine + [spec_file(f"startup-{phase}", {"role": "startup", "llm_kwargs": llm_kwargs})],
+                           f"moejax start-up {phase}", _env(jax_env), args.worker_timeout)
+            startup[phase] = _worker_result(r, {"cache_mib": _dir_mib(cache)})
+        moejax["startup"] = startup
+        if startup["cold"]["cache_mib"] == 0:
+            moejax["notes"].append("the compilation cache stayed empty: warm start-up compiled again")
+    sections = ["rooflines"]
+    if not args.no_moejax:
+        sections += ["decode", "prefill", "throughput"]
+        if not args.no_peer and 0 < peer_requests < args.requests:
+            sections.append("throughput_subset")
+        if gap_batches:
+            sections.append("host_gaps")
+    _log("moejax: " + ", ".join(sections))
+    r = run_worker(engine + [spec_file("measure", {
+        "role": "measure", "llm_kwargs": llm_kwargs, "sections": sections,
+        "copy_bytes": int(args.copy_gib * GIB), "matmul_n": args.matmul_n, "roofline_repeats": 10,
+        "host_gap_batches": gap_batches})], "moejax", _env(jax_env), args.worker_timeout)
+    measured = _worker_result(r)
+    rooflines = measured.pop("rooflines", None) or {}
+    for key in ("bandwidth_error", "matmul_error"):
+        if key in rooflines:
+            measured["errors"][key] = rooflines[key]
+    if not rooflines:
+        rooflines = {"error": measured["errors"].get("rooflines") or measured.get("error") or "not measured"}
+    if args.no_moejax:
+        return rooflines, {"skipped": "--no-moejax"}
+    return rooflines, {**measured, **moejax, "errors": {**measured["errors"], **moejax["errors"]},
+                       "notes": measured.get("notes", []) + moejax["notes"]}
+
+
+def run_peers(args, spec_file, peer_requests: int) -> dict:
+    """transformers generate, then its continuous batching, one process each; a peer without CUDA is skipped."""
+    names = ("transformers_generate", "transformers_generate_batch")
+    if args.no_peer:
+        return {k: {"skipped": "--no-peer"} for k in names}
+    common = {"device": args.peer_device, "kv_cache_tokens": args.kv_cache_tokens}
+
+    def peer(role, label):
+        _log(label)
+        r = run_worker([sys.executable, PEER_SCRIPT, spec_file(f"peer-{role}", {**common, "role": role})],
+                       label, _env(), args.worker_timeout)
+        return _worker_result(r)
+
+    out = {"transformers_generate": peer("generate", "transformers generate")}
+    if out["transformers_generate"].get("skipped"):
+        out["transformers_generate_batch"] = {"skipped": out["transformers_generate"]["skipped"]}
+    elif peer_requests == 0:
+        out["transformers_generate_batch"] = {"skipped": "--peer-requests 0"}
+    else:
+        out["transformers_generate_batch"] = peer("generate_batch", f"transformers generate_batch, "
+                                                                      f"{peer_requests} requests")
+    return out
 
 
 def compute_bounds(config, rooflines: dict, args, workload: dict, peer_requests: int, llm_kwargs: dict) -> dict:
