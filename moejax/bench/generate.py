@@ -333,7 +333,19 @@ def header(results: dict) -> str:
             if r.get("matmul_flops_per_s") else "matmul rate failed"
         lines.append(f"rooflines measured in this run on {r.get('device')} (jax {r.get('jax')}): {bw}, {mm}")
     else:
-        lines.append("rooflines: not measured")
+        lines.append(f"rooflines: not measured ({r.get('error')})")
+    llm, moe = results["settings"]["llm"], results.get("moejax") or {}
+    kv = moe.get("kv_cache_tokens")
+    max_len = moe.get("max_model_len") or llm["max_model_len"]
+    lines.append(f"moejax: max_num_seqs {llm['max_num_seqs']}, max_model_len {max_len}"
+                 + (f", KV cache {kv:,} tokens" if kv else ""))
+    for key in ("transformers_generate", "transformers_generate_batch"):
+        peer = results.get(key) or {}
+        if peer.get("transformers"):
+            where = peer.get("device_name") or peer.get("device")
+            api = f"; {peer['api']}" if peer.get("api") else ""
+            lines.append(f"{key.replace('_', ' ', 1)}: transformers {peer['transformers']}, torch {peer.get('torch')} "
+                         f"on {where}{api}")
     return "\n".join(lines)
 
 

@@ -144,11 +144,11 @@ def run_generate_batch(spec: dict, workload: dict, results: dict) -> None:
     requests = workload["requests"][: spec["peer_requests"]]
     config = tf.GenerationConfig(do_sample=False, max_new_tokens=max(r["max_tokens"] for r in requests),
                                  eos_token_id=-1, pad_token_id=0)  # eos -1: never stop early (ignore_eos)
+    kv_tokens = spec.get("kv_cache_tokens")
     if hasattr(model, "continuous_batching_context_manager"):
-        kv_tokens = spec.get("kv_cache_tokens")
         _guarded(results, "throughput", lambda: _managed(model, config, requests, kv_tokens, results))
     else:
-        _guarded(results, "throughput", lambda: _one_call(model, config, requests, results))
+        _guarded(results, "throughput", lambda: _one_call(model, config, requests, kv_tokens, results))
 
 
 def _cb_config(model, requests: list[dict], kv_tokens: int | None):
@@ -225,13 +225,14 @@ def _managed(model, config, requests: list[dict], kv_tokens: int | None, results
     results["api"] = "continuous_batching_context_manager + add_request (per-request max_new_tokens)"
 
 
-def _one_call(model, config, requests: list[dict], results: dict) -> None:
+def _one_call(model, config, requests: list[dict], kv_tokens: int | None, results: dict) -> None:
     """Fallback for a generate_batch without the manager API: one max_new_tokens (the mean) for every request."""
     mean = round(sum(r["max_tokens"] for r in requests) / len(requests))
     config.max_new_tokens = mean
     prompts = [r["prompt"] for r in requests]
+    extra = _accepted(model.generate_batch, {"continuous_batching_config": _cb_config(model, requests, kv_tokens)})
     t0 = time.perf_counter()
-    outs = model.generate_batch(inputs=prompts, generation_config=config)
+    outs = model.generate_batch(inputs=prompts, generation_config=config, **extra)
     end = time.perf_counter()
     rows = [{"prompt_len": len(p), "output_len": len(o.generated_tokens), "first": None, "finish": end}
             for p, o in zip(prompts, outs.values())]
