@@ -139,4 +139,5 @@ def test_bench_moejax_end_to_end(tmp_path, capsys, monkeypatch):
     assert _row(data, "decode batch 1, ms/step")["moejax"] is not None
     assert _row(data, "throughput 8 req")["moejax"] > 0
     assert _row(data, "start-up warm cache")["moejax"] > 0
+    assert data["rooflines"]["hbm_bytes_per_s"] > 0 and data["bounds"]["throughput"]["output_tokens_per_s"] > 0
     assert "transformers generate" in text and data["transformers_generate"]["skipped"] == "--no-peer"
