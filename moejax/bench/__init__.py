@@ -1,0 +1,34 @@
+"""`moejax bench`: `generate` (moejax against transformers end to end, beside rooflines measured in the same run;
+see generate.py) and `kernels` (moejax.kernels.bench: the grouped expert matmuls and routing)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from moejax.bench import generate
+
+    p.add_argument("what", choices=["generate", "kernels"])
+    p.add_argument("config", nargs="?", help="config.json (or its directory) of the model shape (bench generate)")
+    p.add_argument("--json", default=None, help="also write all numbers here")
+    generate.add_arguments(p)
+    kernels = p.add_argument_group("bench kernels")
+    kernels.add_argument("--shapes", type=int, nargs="*", default=None, help="indices of the six shapes (default all)")
+    kernels.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
+    kernels.add_argument("--no-layer", action="store_true", help="skip the peers and whole-layer timings")
+
+
+def run(args) -> int:
+    if args.what == "kernels":
+        from moejax.kernels import bench as kernel_bench
+
+        argv = (["--shapes", *map(str, args.shapes)] if args.shapes is not None else []) + \
+            (["--sweep"] if args.sweep else []) + (["--no-layer"] if args.no_layer else []) + \
+            (["--json", args.json] if args.json else [])
+        return int(kernel_bench.main(argv) or 0)
+    if not args.config:
+        raise ValueError("bench generate needs a config.json")
+    from moejax.bench import generate
+
+    return generate.run(args)
