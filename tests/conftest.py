@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 
-# Eight virtual CPU devices for the sharding tests; must be set before jax is imported anywhere.
+import sys  # noqa: E402
+
+# Eight virtual CPU devices for the sharding tests; must be set before jax is imported anywhere. A run of the
+# GPU tests (`-m gpu`) keeps the accelerator.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_argv = sys.argv[1:]
+if not ("-m" in _argv and "gpu" in _argv[_argv.index("-m") + 1: _argv.index("-m") + 2]):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

@@ -150,7 +150,12 @@ class ModelRunner:
         model = self.model
         max_rows = buckets.max_sample_rows
 
-        @functools.partial(jax.jit, donate_argnames=("pool",), static_argnames=("shape",))
+        # Outputs keep their inputs' shardings, so the pool and the sampled tokens fed back never change a step's
+        # compiled variant.
+        out_shardings = (self._replicated, self._replicated, jax.tree.map(lambda a: a.sharding, self.pool))
+
+        @functools.partial(jax.jit, donate_argnames=("pool",), static_argnames=("shape",),
+                           out_shardings=out_shardings)
         def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape):
             f = self._unpack(packed, shape)
             tokens_T = jnp.where(f["prev_src"] >= 0, prev_sampled[jnp.maximum(f["prev_src"], 0)], f["tokens"])

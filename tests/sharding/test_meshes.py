@@ -79,7 +79,7 @@ def test_compiled_hlo_has_expected_collectives_and_no_expert_all_gather(hf_model
     tokens = np.zeros((1, 16), np.int32)
     positions = np.arange(16, dtype=np.int32)[None]
     with runner._context():
-        hlo = runner.forward_logits_fn.lower(runner.state, tokens, positions).compile().as_text()
+        hlo = runner.forward_logits_fn.lower(runner.params, tokens[0], positions[0]).compile().as_text()
     assert "all-reduce" in hlo
     e, d, f = llm.config.num_experts, llm.config.hidden_size, llm.config.moe_intermediate_size
     gathered_expert_shapes = [f"[{e},{d},{f}]", f"[{e},{f},{d}]", f"[{e},{d},{f // 2}]", f"[{e},{f // 2},{d}]"]
