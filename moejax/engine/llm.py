@@ -30,6 +30,7 @@ QUANTIZATIONS = (None, "int8", "int4")
 LOAD_FORMATS = ("auto", "dummy")
 MIN_PREFILL_BUCKET = 16
 DEFAULT_BATCHED_TOKENS = 8192  # a step's token budget unless max_num_batched_tokens says otherwise
+CPU_DEFAULT_KV_REQUESTS = 16  # on the CPU backend, the default KV cache holds this many full-length requests
 PREFILL_BLOCK = 64  # prefill chunks are laid out in query blocks of this many tokens (at most 4 pages)
 
 
@@ -139,6 +140,8 @@ class LLM:
         self._check_fits(kv_cache_tokens, plan_mesh)
         if kv_cache_tokens is None:  # never more than max_num_seqs full-length requests can use
             capacity = min(capacity, max_num_seqs * self.max_model_len)
+            if jax.default_backend() == "cpu":  # host RAM is shared with everything else: stay modest
+                capacity = min(capacity, CPU_DEFAULT_KV_REQUESTS * self.max_model_len)
         if capacity < self.max_model_len:
             raise ValueError(f"kv_cache_tokens={capacity} cannot hold one request of max_model_len="
                              f"{self.max_model_len} tokens")
