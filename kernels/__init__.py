@@ -39,15 +39,16 @@ def _pallas() -> tuple[bool, bool]:
     return True, not on_gpu
 
 
-def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, *, scale, window=None,
-                    sinks_H=None, value_dim=None):
-    """Causal attention of query blocks over their sequences' KV pages (see attention_reference.py).
-
-    The pure-JAX version runs on every backend; the Pallas GPU kernels join behind this call."""
+def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N, *,
+                    scale, window=None, sinks_H=None, value_dim=None):
+    """Causal attention of query blocks over their sequences' KV pages and this step's own keys (see
+    attention_reference.py). The pure-JAX version runs on every backend; the Pallas GPU kernels join behind
+    this call."""
     from moejax.kernels.attention_reference import NO_WINDOW, paged_attention as reference
 
-    return reference(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, scale=scale,
-                     window=NO_WINDOW if window is None else window, sinks_H=sinks_H, value_dim=value_dim)
+    return reference(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N,
+                     scale=scale, window=NO_WINDOW if window is None else window, sinks_H=sinks_H,
+                     value_dim=value_dim)
 
 
 def matmul(x, w):

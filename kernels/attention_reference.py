@@ -1,11 +1,14 @@
 """Attention over a paged KV cache in pure JAX: the reference behind `moejax.kernels.paged_attention`.
 
 Queries come in blocks whose queries all belong to one sequence: a decode token is a block of one, a prefill
-chunk is cut into blocks of a few dozen tokens. Keys and values of every layer live in pools
-[layers, pages, page_size, kv_heads, head_dim]; a block reads its sequence's pages through its row of the page
-table. The context is walked in chunks of `chunk_pages` pages with an online softmax, only as many chunks as
-the longest context in the call needs (and, with a sliding window, none before the earliest window), so the
-compiled shape depends on the number of blocks alone, never on context lengths.
+chunk is cut into blocks of a few dozen tokens. Each block sees two sources of keys:
+- the cache: keys written by earlier steps, in pools [layers, pages, page_size, kv_heads, head_dim] read
+  through the block's page-table row, every position before the start of the block's chunk;
+- this step: the keys of the block's own chunk (its own tokens and the earlier blocks of the same chunk), which
+  the caller writes into the pool only after the whole step, so the pool stays read-only while layers run.
+One online softmax walks both: the cache in chunks of `chunk_pages` pages (only as many as the longest cached
+context needs, none before the earliest sliding window), then the chunk's blocks one by one, so the compiled
+shape depends on the number of blocks alone, never on context lengths.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ NO_WINDOW = 1 << 30  # a window wider than any context: full attention
 _FLOOR = -1e30  # initial running max: finite, so exp(-inf - _FLOOR) is an exact 0 for masked scores
 
 
-def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, *, scale: float,
-                    window=NO_WINDOW, sinks_H=None, value_dim: int | None = None, chunk_pages: int = 32):
-    """Causal attention of each block's queries over its sequence's cached keys.
+def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N, *,
+                    scale: float, window=NO_WINDOW, sinks_H=None, value_dim: int | None = None,
+                    chunk_pages: int = 32):
+    """Causal attention of each block's queries over its sequence's cached keys and its chunk's new keys.
 
     q_NQHD: [blocks, queries per block, heads, head_dim]; q_pos_NQ: position of each query, -1 for padding
-    (its output is 0). page_table_NP: [blocks, max_pages] page ids of each block's sequence; the key at position
-    p lives in page page_table[p // page_size], slot p % page_size, and must already be written for every
-    p <= the query's position. k_pool / v_pool: [layers, pages, page_size, kv_heads, dim]; v_pool None means
-    the values are the first `value_dim` features of the keys (MLA's latent). layer: traced or static int.
+    (its output is 0). k_new_NQKD / v_new_NQKD: this step's key and value of every query token (v None: the
+    values are the first `value_dim` features of the keys, MLA's latent). first_N: the first block of each
+    block's chunk (a block's chunk is blocks first..block, consecutive). The cache holds, for each block, the
+    positions before its chunk's first query: the key at position p lives in page page_table[p // page_size],
+    slot p % page_size of k_pool / v_pool [layers, pages, page_size, kv_heads, dim]. layer: traced or static int.
     window: keys at positions > q - window are seen (traced ok). sinks_H: one extra logit per head (GPT-OSS).
     Returns [blocks, queries, heads, value_dim] in q's dtype.
     """
@@ -43,11 +48,9 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, *, s
     q = q_NQHD.reshape(n, qb, kvh, g, d).transpose(0, 2, 3, 1, 4)
     valid_NQ = q_pos_NQ >= 0
     window = jnp.asarray(window, jnp.int32)
-
-    last = jnp.max(jnp.where(valid_NQ, q_pos_NQ, -1))
-    first = jnp.min(jnp.where(valid_NQ, q_pos_NQ, NO_WINDOW))
-    lo = jnp.maximum(first - window + 1, 0) // chunk
-    hi = jnp.where(last >= 0, last // chunk + 1, 0)
+    q_pos = q_pos_NQ[:, :, None]
+    # Cached context of each block: the positions before its chunk's first token (-1: a padding block).
+    cached_N = q_pos_NQ[first_N, 0]
 
     if sinks_H is None:
         m0 = jnp.full((n, kvh, g, qb), _FLOOR, jnp.float32)
@@ -57,25 +60,43 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, *, s
         l0 = jnp.ones((n, kvh, g, qb), jnp.float32)
     acc0 = jnp.zeros((n, kvh, g, qb, dv), jnp.float32)
 
-    def body(c, carry):
+    def accumulate(carry, k_NCKD, v_NCKD, seen_NQC):
         m, l, acc = carry
-        pages_NC = jax.lax.dynamic_slice_in_dim(page_table_NP, c * chunk_pages, chunk_pages, axis=1)
-        # [blocks, chunk, kv_heads, dim]
-        k = k_pool[layer, pages_NC].reshape(n, chunk, kvh, -1)
-        v = k[..., :dv] if v_pool is None else v_pool[layer, pages_NC].reshape(n, chunk, kvh, dv)
-        kv_pos = c * chunk + jnp.arange(chunk)
-        s = jnp.einsum("nkgqd,nckd->nkgqc", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-        q_pos = q_pos_NQ[:, :, None]
-        seen_NQC = (kv_pos[None, None, :] <= q_pos) & (kv_pos[None, None, :] > q_pos - window) & (q_pos >= 0)
+        s = jnp.einsum("nkgqd,nckd->nkgqc", q, k_NCKD.astype(q.dtype), preferred_element_type=jnp.float32) * scale
         s = jnp.where(seen_NQC[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("nkgqc,nckd->nkgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("nkgqc,nckd->nkgqd", p.astype(v_NCKD.dtype), v_NCKD, preferred_element_type=jnp.float32)
         return m_new, l, acc * correction[..., None] + pv
 
-    _, l, acc = jax.lax.fori_loop(lo, hi, body, (m0, l0, acc0))
+    def in_window(kv_pos):
+        return (kv_pos <= q_pos) & (kv_pos > q_pos - window) & (q_pos >= 0)
+
+    def cached_chunk(c, carry):
+        pages_NC = jax.lax.dynamic_slice_in_dim(page_table_NP, c * chunk_pages, chunk_pages, axis=1)
+        # [blocks, chunk, kv_heads, dim]
+        k = k_pool[layer, pages_NC].reshape(n, chunk, kvh, -1)
+        v = k[..., :dv] if v_pool is None else v_pool[layer, pages_NC].reshape(n, chunk, kvh, dv)
+        kv_pos = (c * chunk + jnp.arange(chunk))[None, None, :]
+        return accumulate(carry, k, v, in_window(kv_pos) & (kv_pos < cached_N[:, None, None]))
+
+    def new_block(r, carry):
+        src_N = jnp.maximum(jnp.arange(n) - r, 0)  # r blocks back inside the same chunk
+        k = k_new_NQKD[src_N]
+        v = k[..., :dv] if v_new_NQKD is None else v_new_NQKD[src_N]
+        kv_pos = q_pos_NQ[src_N][:, None, :]
+        same_chunk = (jnp.arange(n) - r >= first_N)[:, None, None]
+        return accumulate(carry, k, v, in_window(kv_pos) & (kv_pos >= 0) & same_chunk)
+
+    first = jnp.min(jnp.where(valid_NQ, q_pos_NQ, NO_WINDOW))
+    lo = jnp.maximum(first - window + 1, 0) // chunk
+    hi = (jnp.max(cached_N) + chunk - 1) // chunk
+    carry = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), cached_chunk, (m0, l0, acc0))
+    has_queries = jnp.any(valid_NQ, axis=1)
+    back = jnp.max(jnp.where(has_queries, jnp.arange(n) - first_N, 0)) if n else 0
+    _, l, acc = jax.lax.fori_loop(0, back + 1, new_block, carry)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     out = jnp.where(valid_NQ[:, None, None, :, None], out, 0.0)
     # [blocks, queries, heads, dv]

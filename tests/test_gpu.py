@@ -44,3 +44,12 @@ def test_engine_on_gpu_matches_cache_free_forward():
             ids.append(int(np.argmax(llm.logits(ids)[-1])))
         assert out.outputs[0].token_ids == ids[len(prompt):]
     assert llm.llm_engine.kv_cache_usage() == 0.0
+
+
+def test_step_updates_kv_pool_in_place_on_gpu():
+    """XLA's GPU pipeline must not copy the donated pool: a copy would double the KV cache's memory."""
+    llm = LLM(dtype="bfloat16", max_model_len=1024, max_num_seqs=32, max_num_batched_tokens=512,
+              kv_cache_tokens=256 * 1024)
+    runner = llm.runner
+    for shape in (runner.buckets.shape(32, 0), runner.buckets.shape(5, 300)):
+        assert runner.step_temp_bytes(shape) < runner.pool.nbytes / 4, shape

@@ -84,9 +84,12 @@ def _greedy(n: int):
 
 
 def _engine_facts(llm, results: dict) -> None:
-    plan = getattr(llm, "memory_plan", None)
-    if plan is not None and getattr(plan, "kv_cache_tokens", None) is not None:
-        results["kv_cache_tokens"] = int(plan.kv_cache_tokens)
+    # The engine's own capacity (kv_cache_tokens or the capped plan), not the planner's estimate of what fits.
+    capacity = getattr(llm, "kv_cache_tokens", None)
+    if capacity is None:
+        capacity = getattr(getattr(llm, "memory_plan", None), "kv_cache_tokens", None)
+    if capacity is not None:
+        results["kv_cache_tokens"] = int(capacity)
     if getattr(llm, "max_model_len", None) is not None:
         results["max_model_len"] = int(llm.max_model_len)
 

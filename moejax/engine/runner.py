@@ -97,7 +97,7 @@ def layout(shape: StepShape, prefill_block: int, max_pages: int) -> dict[str, tu
     t, d = shape.num_tokens, shape.num_decode
     nb = shape.num_prefill // prefill_block
     fields = [(name, (t,)) for name in _INT_FIELDS]
-    fields += [("decode_pages", (d, max_pages)), ("prefill_pages", (nb, max_pages))]
+    fields += [("decode_pages", (d, max_pages)), ("prefill_pages", (nb, max_pages)), ("prefill_first", (nb,))]
     fields += [(name, (d + nb,)) for name in _ROW_FIELDS]
     out, offset = {}, 0
     for name, dims in fields:
@@ -160,7 +160,7 @@ class ModelRunner:
             f = self._unpack(packed, shape)
             tokens_T = jnp.where(f["prev_src"] >= 0, prev_sampled[jnp.maximum(f["prev_src"], 0)], f["tokens"])
             batch = PagedBatch(f["slot_page"], f["slot_offset"], f["decode_pages"], f["prefill_pages"],
-                               shape.num_decode, self.prefill_block)
+                               f["prefill_first"], shape.num_decode, self.prefill_block)
             hidden_TD, pool, top = model.forward(params, tokens_T, f["positions"], pool, batch)
             logits_SV = top.logits(hidden_TD[f["sample_index"]])
             sampling = SamplingBatch(f["temperature"], f["top_p"], f["top_k"], f["min_p"],
@@ -186,6 +186,14 @@ class ModelRunner:
     def compilations(self) -> int:
         """Compiled variants of the step so far (tests bound it; nothing should compile after warm-up)."""
         return self.step_fn._cache_size()
+
+    def step_temp_bytes(self, shape: StepShape) -> int:
+        """Scratch memory the compiled step of `shape` needs beside its inputs and outputs. The pool is
+        donated and updated in place, so this stays far below the pool's size (a copy of the pool would not)."""
+        buf, _ = self._buffer(shape)
+        with self._context():
+            compiled = self.step_fn.lower(self.params, self.pool, buf, self._prev, shape).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
 
     # -- inputs --------------------------------------------------------------------------------------------
     def _unpack(self, packed, shape: StepShape) -> dict:
@@ -213,6 +221,7 @@ class ModelRunner:
         views["positions"][:] = -1
         views["slot_page"][:] = self.num_pages  # out of range: the write is dropped
         views["top_p"][:] = 1.0
+        views["prefill_first"][:] = np.arange(len(views["prefill_first"]))  # padding blocks: chunks of their own
         return buf, views
 
     def prepare(self, scheduled: ScheduledStep, num_logprobs: int):
@@ -255,6 +264,7 @@ class ModelRunner:
             nblocks = -(-chunk.length // qb)
             for b in range(block, block + nblocks):
                 f["prefill_pages"][b][: len(chunk.seq.pages)] = chunk.seq.pages
+                f["prefill_first"][b] = block
             place(chunk, d + block * qb, f["prefill_pages"][block], d + block)
             block += nblocks
         return shape, buf, rows

@@ -70,27 +70,29 @@ class PagedBatch:
     slot_page_T: jax.Array  # int32 [T]: page each token's key goes to; num_pages for padding
     slot_offset_T: jax.Array  # int32 [T]: offset inside that page
     decode_pages_DP: jax.Array  # int32 [num_decode, max_pages]: page table of each decode token's sequence
-    prefill_pages_BP: jax.Array  # int32 [T - num_decode) / prefill_block, max_pages]: one row per block
+    prefill_pages_BP: jax.Array  # int32 [(T - num_decode) / prefill_block, max_pages]: one row per block
+    prefill_first_B: jax.Array  # int32 [(T - num_decode) / prefill_block]: first block of each block's chunk
     num_decode: int = dataclasses.field(metadata=dict(static=True), default=0)
     prefill_block: int = dataclasses.field(metadata=dict(static=True), default=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-    """One layer's view of the pools for one step: write this step's keys, then attend over the pages."""
+    """One layer's view of the pools for one step: the pools as earlier steps left them (read-only while
+    layers run) and, once the layer has computed them, this step's keys and values (`write`), which attention
+    sees beside the cached ones and `commit` scatters into the pools after the step's last layer. Keeping the
+    pools out of the layer loop's carry is what lets XLA update them in place: one scatter per step."""
 
     pool: KVPool
     batch: PagedBatch
     layer: jax.Array | int
+    k_TKD: jax.Array | None = None
+    v_TKD: jax.Array | None = None
 
     def write(self, k_TKD, v_TKD=None) -> "LayerKV":
-        b = self.batch
-        page, off = b.slot_page_T, b.slot_offset_T
-        k = self.pool.k.at[self.layer, page, off].set(k_TKD.astype(self.pool.k.dtype), mode="drop")
-        v = self.pool.v
-        if v is not None:
-            v = v.at[self.layer, page, off].set(v_TKD.astype(v.dtype), mode="drop")
-        return dataclasses.replace(self, pool=KVPool(k, v))
+        dtype = self.pool.k.dtype
+        return dataclasses.replace(self, k_TKD=k_TKD.astype(dtype),
+                                   v_TKD=None if v_TKD is None else v_TKD.astype(dtype))
 
     def attend(self, q_THD, positions_T, *, scale, window, sinks_H=None, value_dim=None):
         """[T, heads, dim] queries -> [T, heads, value dim], decode tokens and prefill blocks alike."""
@@ -98,15 +100,35 @@ class LayerKV:
         t, h, d = q_THD.shape
         nd, qb = b.num_decode, b.prefill_block
         common = dict(scale=scale, window=window, sinks_H=sinks_H, value_dim=value_dim)
+        k, v = self.k_TKD, self.v_TKD
+
+        def blocks(x, lo, size):
+            return None if x is None else x[lo:].reshape(-1, size, *x.shape[1:])
+
         parts = []
         if nd:
+            dec = slice(0, nd)
             parts.append(kernels.paged_attention(
-                q_THD[:nd, None], positions_T[:nd, None], b.decode_pages_DP, self.pool.k, self.pool.v,
-                self.layer, **common)[:, 0])
+                q_THD[dec, None], positions_T[dec, None], b.decode_pages_DP, self.pool.k, self.pool.v,
+                self.layer, k[dec, None], None if v is None else v[dec, None], jnp.arange(nd), **common)[:, 0])
         if t > nd:
-            nb = (t - nd) // qb
             out = kernels.paged_attention(
-                q_THD[nd:].reshape(nb, qb, h, d), positions_T[nd:].reshape(nb, qb), b.prefill_pages_BP,
-                self.pool.k, self.pool.v, self.layer, **common)
+                blocks(q_THD, nd, qb), blocks(positions_T, nd, qb), b.prefill_pages_BP, self.pool.k, self.pool.v,
+                self.layer, blocks(k, nd, qb), blocks(v, nd, qb), b.prefill_first_B, **common)
             parts.append(out.reshape(t - nd, h, -1))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+    def commit(self) -> KVPool:
+        """The pools with this layer's step keys written (the unscanned, layer-by-layer path)."""
+        v = None if self.v_TKD is None else self.v_TKD[None]
+        return commit(self.pool, self.batch, jnp.asarray(self.layer)[None], self.k_TKD[None], v)
+
+
+def commit(pool: KVPool, batch: PagedBatch, layers_L, k_LTKD, v_LTKD=None) -> KVPool:
+    """Write the step's keys and values of layers `layers_L` into their slots (padding slots drop)."""
+    idx = (layers_L[:, None], batch.slot_page_T[None, :], batch.slot_offset_T[None, :])
+    k = pool.k.at[idx].set(k_LTKD.astype(pool.k.dtype), mode="drop")
+    v = pool.v
+    if v is not None:
+        v = v.at[idx].set(v_LTKD.astype(v.dtype), mode="drop")
+    return KVPool(k, v)

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.kernels.attention_reference import NO_WINDOW
-from moejax.layers.kv_cache import KVPool, LayerKV, PagedBatch
+from moejax.layers.kv_cache import KVPool, LayerKV, PagedBatch, commit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +81,19 @@ class StackedModel:
         x = top.embed(tokens_T[None])
         positions_BT = positions_T[None]
         for run, run_params in zip(self.runs, params["runs"]):
-            xs = (run_params, jnp.arange(run.start, run.stop), jnp.asarray(self.windows[run.start:run.stop]))
+            layers = jnp.arange(run.start, run.stop)
+            xs = (run_params, layers, jnp.asarray(self.windows[run.start:run.stop]))
 
-            def body(carry, xs, run=run):
-                x, pool = carry
+            # The pools are read-only inside the scan; each layer's new keys and values come out as the scan's
+            # outputs and are written with one scatter per run, in place into the donated pools.
+            def body(x, xs, run=run, pool=pool):
                 layer_params, i, window = xs
                 layer = nnx.merge(run.graphdef, layer_params)
                 kv = None if pool is None else LayerKV(pool, batch, i)
                 x, kv, _ = layer(x, positions_BT, kv, window)
-                return (x, None if kv is None else kv.pool), None
+                return x, None if kv is None else (kv.k_TKD, kv.v_TKD)
 
-            (x, pool), _ = jax.lax.scan(body, (x, pool), xs)
+            x, new = jax.lax.scan(body, x, xs)
+            if pool is not None:
+                pool = commit(pool, batch, layers, *new)
         return x[0], pool, top

@@ -60,7 +60,7 @@ class MoETransformer(nnx.Module):
             kv = None if pool is None else LayerKV(pool, batch, i)
             x, kv, logits = layer(x, positions_BT, kv, self.config.window(i))
             if kv is not None:
-                pool = kv.pool
+                pool = kv.commit()
             if logits is not None:
                 router_logits.append(logits)
         return x, pool, router_logits

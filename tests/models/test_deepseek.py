@@ -55,7 +55,8 @@ def _one_sequence_batch(positions, pages, page_size, num_decode):
     empty = jnp.zeros((0, len(pages)), jnp.int32)
     return kv.PagedBatch(jnp.asarray(np.asarray(pages)[pos // page_size], jnp.int32),
                          jnp.asarray(pos % page_size, jnp.int32), table if num_decode else empty,
-                         empty if num_decode else table, num_decode, 1 if num_decode else len(pos))
+                         empty if num_decode else table, jnp.zeros((0 if num_decode else 1,), jnp.int32),
+                         num_decode, 1 if num_decode else len(pos))
 
 
 def test_absorbed_decode_equals_expanded(deepseek):
@@ -71,7 +72,7 @@ def test_absorbed_decode_equals_expanded(deepseek):
     # Prefill the first 11 tokens into the latent pages, then decode the 12th against them.
     prefill, layer_kv = attn(x[:, :11], positions[:, :11], kv.LayerKV(pool, _one_sequence_batch(
         range(11), pages, 4, 0), 1))
-    decode, _ = attn(x[:, 11:], positions[:, 11:], kv.LayerKV(layer_kv.pool, _one_sequence_batch(
+    decode, _ = attn(x[:, 11:], positions[:, 11:], kv.LayerKV(layer_kv.commit(), _one_sequence_batch(
         [11], pages, 4, 1), 1))
     absorbed = jnp.concatenate([prefill, decode], axis=1)
     np.testing.assert_allclose(np.asarray(absorbed), np.asarray(expanded), rtol=1e-5, atol=1e-5)
