@@ -7,6 +7,7 @@ With a quantization transform the weights are drawn on the host tensor by tensor
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -34,6 +35,12 @@ def _init(kind: str, shape, dtype, key):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _initializer(kind: str, shape, dtype, sharding):
+    """One compiled initializer per distinct tensor kind, shape and sharding (layers share theirs)."""
+    return jax.jit(lambda key: _init(kind, shape, dtype, key), out_shardings=sharding)
+
+
 def dummy_state(abstract_state: nnx.State, *, sharding_for, seed: int = 0,
                 transform: Transform | None = None) -> nnx.State:
     filled = []
@@ -49,8 +56,6 @@ def dummy_state(abstract_state: nnx.State, *, sharding_for, seed: int = 0,
             target = getattr(value, "sharding_shape", None) or value.shape
             value = jax.tree.map(lambda a: jax.device_put(a, sharding_for(path, var, target)), value)
         else:
-            init = jax.jit(lambda k, kind=kind, shape=shape, dtype=dtype: _init(kind, shape, dtype, k),
-                           out_shardings=sharding_for(path, var, shape))
-            value = init(key)
+            value = _initializer(kind, tuple(shape), jnp.dtype(dtype), sharding_for(path, var, shape))(key)
         filled.append((path, var.replace(value)))
     return nnx.from_flat_state(filled)

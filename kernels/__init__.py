@@ -31,6 +31,17 @@ def get_backend() -> str:
     return _backend
 
 
+def _static_loops() -> bool:
+    import os
+
+    # dynamic (default): walk only the chunks the contexts need; static: every chunk, masked, with trip counts
+    # known at compile time. Which is faster on the GPU is still to be measured (see the engine issue's note).
+    mode = os.environ.get("MOEJAX_ATTENTION_LOOPS", "dynamic")
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"MOEJAX_ATTENTION_LOOPS must be 'dynamic' or 'static', got {mode!r}")
+    return mode == "static"
+
+
 def _pallas() -> tuple[bool, bool]:
     """(use Pallas, interpret it) for the backend in force and the platform being traced for."""
     on_gpu = jax.default_backend() == "gpu"
@@ -40,15 +51,17 @@ def _pallas() -> tuple[bool, bool]:
 
 
 def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N, *,
-                    scale, window=None, sinks_H=None, value_dim=None):
+                    scale, window=None, sinks_H=None, value_dim=None, max_back=None):
     """Causal attention of query blocks over their sequences' KV pages and this step's own keys (see
     attention_reference.py). The pure-JAX version runs on every backend; the Pallas GPU kernels join behind
     this call."""
     from moejax.kernels.attention_reference import NO_WINDOW, paged_attention as reference
 
+    # On a GPU, a loop whose trip count is only known on the device may read its condition back to the host
+    # every iteration; MOEJAX_ATTENTION_LOOPS=static trades that for masked work.
     return reference(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N,
                      scale=scale, window=NO_WINDOW if window is None else window, sinks_H=sinks_H,
-                     value_dim=value_dim)
+                     value_dim=value_dim, max_back=max_back, static_bounds=_static_loops())
 
 
 def matmul(x, w):

@@ -22,7 +22,7 @@ _FLOOR = -1e30  # initial running max: finite, so exp(-inf - _FLOOR) is an exact
 
 def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N, *,
                     scale: float, window=NO_WINDOW, sinks_H=None, value_dim: int | None = None,
-                    chunk_pages: int = 32):
+                    chunk_pages: int = 32, max_back: int | None = None, static_bounds: bool = False):
     """Causal attention of each block's queries over its sequence's cached keys and its chunk's new keys.
 
     q_NQHD: [blocks, queries per block, heads, head_dim]; q_pos_NQ: position of each query, -1 for padding
@@ -32,6 +32,10 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
     positions before its chunk's first query: the key at position p lives in page page_table[p // page_size],
     slot p % page_size of k_pool / v_pool [layers, pages, page_size, kv_heads, dim]. layer: traced or static int.
     window: keys at positions > q - window are seen (traced ok). sinks_H: one extra logit per head (GPT-OSS).
+    max_back: a static bound on how many blocks back a chunk reaches (0 for decodes), None: blocks - 1.
+    static_bounds: walk every chunk of the page table and `max_back` blocks, masked, instead of only the ones the
+    contexts need: loops with a trip count known at compile time, which a GPU runs without reading a loop
+    condition back to the host every iteration.
     Returns [blocks, queries, heads, value_dim] in q's dtype.
     """
     n, qb, h, d = q_NQHD.shape
@@ -93,9 +97,14 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
     first = jnp.min(jnp.where(valid_NQ, q_pos_NQ, NO_WINDOW))
     lo = jnp.maximum(first - window + 1, 0) // chunk
     hi = (jnp.max(cached_N) + chunk - 1) // chunk
-    carry = jax.lax.fori_loop(lo, jnp.maximum(hi, lo), cached_chunk, (m0, l0, acc0))
-    has_queries = jnp.any(valid_NQ, axis=1)
-    back = jnp.max(jnp.where(has_queries, jnp.arange(n) - first_N, 0)) if n else 0
+    max_back = n - 1 if max_back is None else max_back
+    if static_bounds:
+        lo, hi, back = 0, page_table_NP.shape[1] // chunk_pages, max_back
+    else:
+        hi = jnp.maximum(hi, lo)
+        has_queries = jnp.any(valid_NQ, axis=1)
+        back = jnp.minimum(jnp.max(jnp.where(has_queries, jnp.arange(n) - first_N, 0)), max_back) if n else 0
+    carry = jax.lax.fori_loop(lo, hi, cached_chunk, (m0, l0, acc0))
     _, l, acc = jax.lax.fori_loop(0, back + 1, new_block, carry)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     out = jnp.where(valid_NQ[:, None, None, :, None], out, 0.0)

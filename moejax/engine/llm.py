@@ -150,6 +150,7 @@ class LLM:
                     f"{capacity:,}", f"{self.max_model_len:,}", capacity / self.max_model_len)
 
         graphdef, abstract = build_abstract(c, self.dtype)
+        num_pages = capacity // page_size + 1
 
         def sharding_for(path, var, shape):
             return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), shape)
@@ -167,7 +168,7 @@ class LLM:
         buckets = Buckets(max_decode=bucket(max_num_seqs), max_prefill=max(budget // block, 1) * block,
                           prefill_block=block)
         self.runner = ModelRunner(
-            graphdef, state, self.mesh, num_pages=capacity // page_size + 1, page_size=page_size,
+            graphdef, state, self.mesh, num_pages=num_pages, page_size=page_size,
             kv_dtype=self.dtype, max_model_len=self.max_model_len, buckets=buckets,
             matmul_precision="highest" if self.dtype == jnp.float32 else None)
         del state

@@ -124,7 +124,8 @@ class InFlight:
 
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh, *, num_pages: int, page_size: int,
-                 kv_dtype, max_model_len: int, buckets: Buckets, matmul_precision: str | None = None):
+                 kv_dtype, max_model_len: int, buckets: Buckets, matmul_precision: str | None = None,
+                 pool: KVPool | None = None):
         self.model = StackedModel(graphdef, state)
         self.graphdef = graphdef
         self.params = self.model.params
@@ -136,9 +137,7 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // page_size)
         self.buckets = buckets
         self.prefill_block = buckets.prefill_block
-        shape = pool_shape(self.config, num_pages, page_size)
-        self.pool = init_pool(self.config, num_pages, page_size, kv_dtype,
-                              sharding_for_axes(mesh, POOL_AXES, shape))
+        self.pool = pool if pool is not None else allocate_pool(self.config, mesh, num_pages, page_size, kv_dtype)
         self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._prev = jax.device_put(np.zeros(buckets.max_sample_rows, np.int32), self._replicated)
         # Per shape, a ring of host buffers: the transfer of a step's input (zero-copy on the CPU backend) may
@@ -316,6 +315,12 @@ class ModelRunner:
             return self.forward_logits_fn(self.params, tokens_T, positions_T)
 
 
+def allocate_pool(config, mesh, num_pages: int, page_size: int, kv_dtype) -> KVPool:
+    shape = pool_shape(config, num_pages, page_size)
+    pool = init_pool(config, num_pages, page_size, kv_dtype, sharding_for_axes(mesh, POOL_AXES, shape))
+    return jax.block_until_ready(pool)
+
+
 def _replicate(tree):
     """Constrain results to be replicated over the mesh in context, so that every process can read them."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -324,4 +329,4 @@ def _replicate(tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec()), tree)
 
 
-__all__ = ["Buckets", "InFlight", "ModelRunner", "StepShape", "bucket", "MAX_LOGPROBS"]
+__all__ = ["allocate_pool", "Buckets", "InFlight", "ModelRunner", "StepShape", "bucket", "MAX_LOGPROBS"]

@@ -110,7 +110,8 @@ class LayerKV:
             dec = slice(0, nd)
             parts.append(kernels.paged_attention(
                 q_THD[dec, None], positions_T[dec, None], b.decode_pages_DP, self.pool.k, self.pool.v,
-                self.layer, k[dec, None], None if v is None else v[dec, None], jnp.arange(nd), **common)[:, 0])
+                self.layer, k[dec, None], None if v is None else v[dec, None], jnp.arange(nd), max_back=0,
+                **common)[:, 0])
         if t > nd:
             out = kernels.paged_attention(
                 blocks(q_THD, nd, qb), blocks(positions_T, nd, qb), b.prefill_pages_BP, self.pool.k, self.pool.v,

@@ -31,8 +31,9 @@ def dense(q, k, v, q_pos, scale, window, sinks):
 
 @pytest.mark.parametrize("window, sinks, mla", [(None, False, False), (5, True, False), (None, False, True),
                                                (7, False, False)])
-@pytest.mark.parametrize("qb, chunk_pages", [(1, 32), (8, 32), (1, 2), (8, 4)])
-def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages):
+@pytest.mark.parametrize("qb, chunk_pages, static", [(1, 32, False), (8, 32, False), (1, 2, False), (8, 4, True),
+                                                     (1, 2, True)])
+def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages, static):
     """Chunks of several sequences (decodes, whole prompts, chunks after a cached prefix), each cut into blocks
     of qb queries: cached keys come from the pool, the chunk's own keys from k_new."""
     rng = np.random.default_rng()
@@ -80,8 +81,9 @@ def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages):
     k_new = np.concatenate([np.stack(k_new), np.ones((1, qb, kvh, d), np.float32)])
     v_new = np.concatenate([np.stack(v_new), np.ones((1, qb, kvh, v_new[0].shape[-1]), np.float32)])
     # The door (one chunk covers these contexts) and the reference walking several chunks.
+    # (static: every chunk and block walked with compile-time trip counts, masked)
     fn = kernels.paged_attention if chunk_pages == 32 else functools.partial(
-        attention_reference.paged_attention, chunk_pages=chunk_pages)
+        attention_reference.paged_attention, chunk_pages=chunk_pages, static_bounds=static)
     out = fn(jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(tables), jnp.asarray(k_pool),
              None if v_pool is None else jnp.asarray(v_pool), layer, jnp.asarray(k_new),
              None if mla else jnp.asarray(v_new), jnp.asarray(first), scale=0.3,
