@@ -86,26 +86,31 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
         kv_pos = (c * chunk + jnp.arange(chunk))[None, None, :]
         return accumulate(carry, k, v, in_window(kv_pos) & (kv_pos < cached_N[:, None, None]))
 
-    def new_block(r, carry):
-        src_N = jnp.maximum(jnp.arange(n) - r, 0)  # r blocks back inside the same chunk
-        k = k_new_NQKD[src_N]
-        v = k[..., :dv] if v_new_NQKD is None else v_new_NQKD[src_N]
-        kv_pos = q_pos_NQ[src_N][:, None, :]
-        same_chunk = (jnp.arange(n) - r >= first_N)[:, None, None]
-        return accumulate(carry, k, v, in_window(kv_pos) & (kv_pos >= 0) & same_chunk)
+    max_back = n - 1 if max_back is None else max_back
+    group = max(1, min(max_back + 1, chunk // qb))  # blocks of new keys taken per iteration
+
+    def new_blocks(i, carry):
+        src_NG = jnp.arange(n)[:, None] - i * group - jnp.arange(group)[None, :]  # blocks back, same chunk only
+        same_chunk_NG = src_NG >= first_N[:, None]
+        src_NG = jnp.maximum(src_NG, 0)
+        k = k_new_NQKD[src_NG].reshape(n, group * qb, kvh, -1)
+        v = k[..., :dv] if v_new_NQKD is None else v_new_NQKD[src_NG].reshape(n, group * qb, kvh, dv)
+        kv_pos = jnp.where(same_chunk_NG[:, :, None], q_pos_NQ[src_NG], -1).reshape(n, 1, group * qb)
+        return accumulate(carry, k, v, in_window(kv_pos) & (kv_pos >= 0))
 
     first = jnp.min(jnp.where(valid_NQ, q_pos_NQ, NO_WINDOW))
     lo = jnp.maximum(first - window + 1, 0) // chunk
     hi = (jnp.max(cached_N) + chunk - 1) // chunk
-    max_back = n - 1 if max_back is None else max_back
     if static_bounds:
-        lo, hi, back = 0, page_table_NP.shape[1] // chunk_pages, max_back
+        lo, hi = 0, page_table_NP.shape[1] // chunk_pages
+    hi = hi if static_bounds else jnp.maximum(hi, lo)
+    if static_bounds or max_back == 0:  # decodes: their own key only, a loop of one known iteration
+        back = max_back
     else:
-        hi = jnp.maximum(hi, lo)
         has_queries = jnp.any(valid_NQ, axis=1)
         back = jnp.minimum(jnp.max(jnp.where(has_queries, jnp.arange(n) - first_N, 0)), max_back) if n else 0
     carry = jax.lax.fori_loop(lo, hi, cached_chunk, (m0, l0, acc0))
-    _, l, acc = jax.lax.fori_loop(0, back + 1, new_block, carry)
+    _, l, acc = jax.lax.fori_loop(0, back // group + 1, new_blocks, carry)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     out = jnp.where(valid_NQ[:, None, None, :, None], out, 0.0)
     # [blocks, queries, heads, dv]
