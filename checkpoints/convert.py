@@ -137,6 +137,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
         orbax_store.write_metadata(tmp, {
             "moejax_version": __version__,
             "family": config.family,
+            "num_layers": config.num_layers,
             "dtype": dtype,
             "quantization": quantization,
             "quantized": quantized,

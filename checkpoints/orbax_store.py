@@ -63,9 +63,55 @@ def write_metadata(directory: str, metadata: dict) -> None:
         json.dump(metadata, f, indent=2, sort_keys=True)
 
 
-def read_metadata(directory: str) -> dict:
-    with open(os.path.join(directory, METADATA)) as f:
-        return json.load(f)
+def read_metadata(directory: str, config=None) -> dict:
+    """The converted checkpoint's metadata, checked key by key (and against `config`, a ModelConfig, when given):
+    a tampered file is refused with its name, before any array is restored."""
+    from moejax.checkpoints.safetensors import CheckpointError
+
+    path = os.path.join(directory, METADATA)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+    def bad(what: str):
+        return CheckpointError(f"{path}: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"must be a JSON object, got {type(meta).__name__}")
+    for key in ("family", "dtype", "quantized"):
+        if key not in meta:
+            raise bad(f"missing key {key!r}")
+    if meta["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise bad(f"dtype must be float32, bfloat16 or float16, got {meta['dtype']!r}")
+    if not isinstance(meta["family"], str):
+        raise bad(f"family must be a string, got {meta['family']!r}")
+    if meta.get("quantization") is not None and meta["quantization"] not in ("int8", "int4"):
+        raise bad(f"quantization must be null, int8 or int4, got {meta['quantization']!r}")
+    quantized = meta["quantized"]
+    if not isinstance(quantized, dict):
+        raise bad(f"quantized must be an object, got {quantized!r}")
+    for name, spec in quantized.items():
+        if not isinstance(spec, dict) or spec.get("bits") not in (4, 8) or isinstance(spec.get("bits"), bool) \
+                or not isinstance(spec.get("group_size"), int) or isinstance(spec.get("group_size"), bool) \
+                or spec["group_size"] < 1 or not isinstance(spec.get("zero_point", False), bool):
+            raise bad(f"quantized[{name!r}] must be {{bits: 4 or 8, group_size: int >= 1, zero_point: bool}}, "
+                      f"got {spec!r}")
+    layers = meta.get("num_layers")
+    if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 1):
+        raise bad(f"num_layers must be a positive integer, got {layers!r}")
+    if config is not None:
+        if meta["family"] != config.family:
+            raise bad(f"family {meta['family']!r} disagrees with config.json ({config.family!r})")
+        if layers is not None and layers != config.num_layers:
+            raise bad(f"num_layers {layers} disagrees with config.json ({config.num_layers})")
+        known = {f"layers.{i}" for i in range(config.num_layers)}
+        for name in quantized:
+            parts = name.split(".")
+            if parts[0] == "layers" and ".".join(parts[:2]) not in known:
+                raise bad(f"quantized names {name!r}, a layer config.json does not have")
+    return meta
 
 
 def restore_state(directory: str, abstract_state, sharding_for, quantized: dict[str, dict] | None = None):

@@ -149,15 +149,34 @@ class ModelConfig:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(data, source=path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: must be a JSON object, got {type(data).__name__}")
         return _parse(dict(data), source)
+
+
+def read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, generation_config.json, tokenizer_config.json)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def token_ids(path: str, data: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """An id or a list of ids under `key` (eos_token_id and its kin), checked."""
+    return _Fields(data, path).int_list(key)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -171,34 +190,101 @@ def supported_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
+class _Fields:
+    """Typed reads of config keys: a wrong type or range is a ConfigError naming the file and the key."""
+
+    def __init__(self, d: Mapping[str, Any], source: str, prefix: str = ""):
+        self.d, self.source, self.prefix = d, source, prefix
+
+    def _find(self, keys):
+        for k in keys:
+            if self.d.get(k) is not None:
+                return k, self.d[k]
+        return keys[0], None
+
+    def fail(self, key: str, what: str, value: Any):
+        raise ConfigError(f"{self.source}: {self.prefix}{key} must be {what}, got {value!r}")
+
+    def int(self, *keys: str, default: Any = ..., minimum: int = 0) -> Any:
+        key, v = self._find(keys)
+        if v is None:
+            if default is ...:
+                raise ConfigError(f"{self.source}: missing required key {self.prefix}{keys[0]!r}")
+            return default
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            self.fail(key, "a positive integer" if minimum == 1 else f"an integer >= {minimum}", v)
+        return v
+
+    def float(self, *keys: str, default: Any = ..., positive: bool = False) -> Any:
+        key, v = self._find(keys)
+        if v is None:
+            if default is ...:
+                raise ConfigError(f"{self.source}: missing required key {self.prefix}{keys[0]!r}")
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            self.fail(key, "a positive number" if positive else "a finite number", v)
+        return float(v)
+
+    def bool(self, *keys: str, default: bool = False) -> bool:
+        key, v = self._find(keys)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            self.fail(key, "true or false", v)
+        return v
+
+    def str(self, *keys: str, default: Any = None) -> Any:
+        key, v = self._find(keys)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            self.fail(key, "a string", v)
+        return v
+
+    def int_list(self, *keys: str, default: Any = ()) -> tuple[int, ...]:
+        key, v = self._find(keys)
+        if v is None:
+            return tuple(default)
+        items = v if isinstance(v, (list, tuple)) else [v]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            self.fail(key, "an integer or a list of integers >= 0", v)
+        return tuple(items)
+
+    def str_list(self, *keys: str) -> list[str] | None:
+        key, v = self._find(keys)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+            self.fail(key, "a list of strings", v)
+        return v
+
+    def object(self, *keys: str) -> dict:
+        key, v = self._find(keys)
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            self.fail(key, "an object", v)
+        return dict(v)
+
+
 def _parse(d: dict[str, Any], source: str) -> ModelConfig:
     family = _family(d, source)
+    f = _Fields(d, source)
 
-    def req(*keys: str) -> Any:
-        for k in keys:
-            if d.get(k) is not None:
-                return d[k]
-        raise ConfigError(f"{source}: missing required key {keys[0]!r} for {family}")
-
-    def opt(default: Any, *keys: str) -> Any:
-        for k in keys:
-            if d.get(k) is not None:
-                return d[k]
-        return default
-
-    hidden = int(req("hidden_size"))
-    num_layers = int(req("num_hidden_layers"))
-    num_heads = int(req("num_attention_heads"))
-    num_kv_heads = int(opt(num_heads, "num_key_value_heads"))
-    head_dim = int(opt(hidden // num_heads, "head_dim"))
-    num_experts = int(req("num_local_experts", "num_experts", "n_routed_experts"))
-    top_k = int(req("num_experts_per_tok", "experts_per_token"))
+    hidden = f.int("hidden_size", minimum=1)
+    num_layers = f.int("num_hidden_layers", minimum=1)
+    num_heads = f.int("num_attention_heads", minimum=1)
+    num_kv_heads = f.int("num_key_value_heads", default=num_heads, minimum=1)
+    head_dim = f.int("head_dim", default=hidden // num_heads, minimum=1)
+    num_experts = f.int("num_local_experts", "num_experts", "n_routed_experts", minimum=1)
+    top_k = f.int("num_experts_per_tok", "experts_per_token", minimum=1)
     if top_k > num_experts:
         raise ConfigError(f"{source}: num_experts_per_tok={top_k} exceeds the {num_experts} experts")
-    intermediate = int(opt(0, "intermediate_size"))
-    moe_width = int(opt(intermediate, "moe_intermediate_size"))
-    eos = opt((), "eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    intermediate = f.int("intermediate_size", default=0)
+    moe_width = f.int("moe_intermediate_size", default=intermediate)
+    eos_ids = f.int_list("eos_token_id")
     num_mtp = 0
 
     kw: dict[str, Any] = {}
@@ -207,60 +293,60 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
     sliding_window = None
 
     if family in ("qwen2_moe", "qwen3_moe"):
-        mlp_only = set(opt([], "mlp_only_layers"))
-        step = int(opt(1, "decoder_sparse_step"))
+        mlp_only = set(f.int_list("mlp_only_layers"))
+        step = f.int("decoder_sparse_step", default=1, minimum=1)
         moe_layers = [(i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)]
-        kw["norm_topk_prob"] = bool(opt(False, "norm_topk_prob"))
-        if opt(False, "use_sliding_window") and d.get("sliding_window"):
-            sliding_window = int(d["sliding_window"])
+        kw["norm_topk_prob"] = f.bool("norm_topk_prob")
+        if f.bool("use_sliding_window") and d.get("sliding_window"):
+            sliding_window = f.int("sliding_window", minimum=1)
             if family == "qwen2_moe":
-                max_window = int(opt(num_layers, "max_window_layers"))
+                max_window = f.int("max_window_layers", default=num_layers)
                 layer_types = ["sliding" if (i + 1) % 2 and i < max_window else "full" for i in range(num_layers)]
             else:
                 layer_types = ["sliding"] * num_layers
         if family == "qwen2_moe":
-            kw["attention_bias"] = bool(opt(True, "qkv_bias"))
-            kw["shared_expert_intermediate_size"] = int(opt(0, "shared_expert_intermediate_size"))
+            kw["attention_bias"] = f.bool("qkv_bias", default=True)
+            kw["shared_expert_intermediate_size"] = f.int("shared_expert_intermediate_size", default=0)
             kw["shared_expert_gate"] = kw["shared_expert_intermediate_size"] > 0
         else:
-            kw["attention_bias"] = bool(opt(False, "attention_bias"))
+            kw["attention_bias"] = f.bool("attention_bias")
             kw["o_bias"] = kw["attention_bias"]
             kw["qk_norm"] = "head"
     elif family == "mixtral":
         kw["norm_topk_prob"] = True
         if d.get("sliding_window"):
-            sliding_window = int(d["sliding_window"])
+            sliding_window = f.int("sliding_window", minimum=1)
             layer_types = ["sliding"] * num_layers
     elif family == "olmoe":
-        kw["norm_topk_prob"] = bool(opt(False, "norm_topk_prob"))
-        kw["attention_bias"] = kw["o_bias"] = bool(opt(False, "attention_bias"))
+        kw["norm_topk_prob"] = f.bool("norm_topk_prob")
+        kw["attention_bias"] = kw["o_bias"] = f.bool("attention_bias")
         kw["qk_norm"] = "full"
-        kw["clip_qkv"] = opt(None, "clip_qkv")
+        kw["clip_qkv"] = f.float("clip_qkv", default=None, positive=True)
     elif family == "deepseek_v3":
-        first_dense = int(opt(0, "first_k_dense_replace"))
-        freq = int(opt(1, "moe_layer_freq"))
+        first_dense = f.int("first_k_dense_replace", default=0)
+        freq = f.int("moe_layer_freq", default=1, minimum=1)
         moe_layers = [i >= first_dense and i % freq == 0 for i in range(num_layers)]
         kw.update(
-            q_lora_rank=int(opt(0, "q_lora_rank")),
-            kv_lora_rank=int(req("kv_lora_rank")),
-            qk_nope_head_dim=int(req("qk_nope_head_dim")),
-            qk_rope_head_dim=int(req("qk_rope_head_dim")),
-            v_head_dim=int(req("v_head_dim")),
+            q_lora_rank=f.int("q_lora_rank", default=0),
+            kv_lora_rank=f.int("kv_lora_rank", minimum=1),
+            qk_nope_head_dim=f.int("qk_nope_head_dim", minimum=1),
+            qk_rope_head_dim=f.int("qk_rope_head_dim", minimum=1),
+            v_head_dim=f.int("v_head_dim", minimum=1),
             # V3 routes with sigmoid scores (transformers 5 saves scoring_func as null); V2 with softmax.
-            scoring_func=str(opt("softmax" if d.get("model_type") == "deepseek_v2" else "sigmoid", "scoring_func")),
-            norm_topk_prob=bool(opt(False, "norm_topk_prob")),
-            n_group=int(opt(1, "n_group")),
-            topk_group=int(opt(1, "topk_group")),
-            routed_scaling_factor=float(opt(1.0, "routed_scaling_factor")),
-            correction_bias=opt("noaux_tc", "topk_method") == "noaux_tc",
-            shared_expert_intermediate_size=int(opt(0, "n_shared_experts")) * moe_width,
-            attention_bias=bool(opt(False, "attention_bias")),
+            scoring_func=f.str("scoring_func", default="softmax" if d.get("model_type") == "deepseek_v2" else "sigmoid"),
+            norm_topk_prob=f.bool("norm_topk_prob"),
+            n_group=f.int("n_group", default=1, minimum=1),
+            topk_group=f.int("topk_group", default=1, minimum=1),
+            routed_scaling_factor=f.float("routed_scaling_factor", default=1.0, positive=True),
+            correction_bias=f.str("topk_method", default="noaux_tc") == "noaux_tc",
+            shared_expert_intermediate_size=f.int("n_shared_experts", default=0) * moe_width,
+            attention_bias=f.bool("attention_bias"),
         )
         head_dim = kw["qk_nope_head_dim"] + kw["qk_rope_head_dim"]
-        num_mtp = int(opt(0, "num_nextn_predict_layers"))
+        num_mtp = f.int("num_nextn_predict_layers", default=0)
     elif family == "gpt_oss":
-        sliding_window = int(opt(128, "sliding_window"))
-        types = opt(None, "layer_types")
+        sliding_window = f.int("sliding_window", default=128, minimum=1)
+        types = f.str_list("layer_types")
         layer_types = (
             ["sliding" if t == "sliding_attention" else "full" for t in types]
             if types
@@ -273,7 +359,7 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
             router_bias=True,
             expert_bias=True,
             norm_topk_prob=True,
-            swiglu_limit=float(opt(7.0, "swiglu_limit")),
+            swiglu_limit=f.float("swiglu_limit", default=7.0, positive=True),
         )
 
     if layer_types and len(layer_types) != num_layers:
@@ -282,13 +368,16 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
         raise ConfigError(f"{source}: num_attention_heads={num_heads} is not a multiple of "
                           f"num_key_value_heads={num_kv_heads}")
 
-    quant = opt(None, "quantization_config")
+    quant = f.object("quantization_config")
     checkpoint_quant, block = None, (128, 128)
     if quant:
+        qf = _Fields(quant, source, "quantization_config.")
         method = quant.get("quant_method")
         if method == "fp8":
             checkpoint_quant = "fp8"
-            block = tuple(int(b) for b in quant.get("weight_block_size", (128, 128)))
+            block = qf.int_list("weight_block_size", default=(128, 128))
+            if len(block) != 2 or min(block) < 1:
+                qf.fail("weight_block_size", "two positive integers", quant.get("weight_block_size"))
         elif method == "mxfp4":
             checkpoint_quant = "mxfp4"
         else:
@@ -297,7 +386,7 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
 
     return ModelConfig(
         family=family,
-        vocab_size=int(req("vocab_size")),
+        vocab_size=f.int("vocab_size", minimum=1),
         hidden_size=hidden,
         num_layers=num_layers,
         num_heads=num_heads,
@@ -308,17 +397,17 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
         num_experts_per_tok=top_k,
         moe_intermediate_size=moe_width,
         moe_layers=tuple(moe_layers),
-        rms_norm_eps=float(opt(1e-6, "rms_norm_eps")),
-        rope=_rope(d, family),
-        max_position_embeddings=int(opt(4096, "max_position_embeddings")),
-        tie_word_embeddings=bool(opt(False, "tie_word_embeddings")),
-        hidden_act=str(opt("silu", "hidden_act")),
+        rms_norm_eps=f.float("rms_norm_eps", default=1e-6, positive=True),
+        rope=_rope(d, family, source),
+        max_position_embeddings=f.int("max_position_embeddings", default=4096, minimum=1),
+        tie_word_embeddings=f.bool("tie_word_embeddings"),
+        hidden_act=f.str("hidden_act", default="silu"),
         layer_types=tuple(layer_types),
         sliding_window=sliding_window,
-        bos_token_id=opt(None, "bos_token_id"),
+        bos_token_id=f.int("bos_token_id", default=None),
         eos_token_ids=eos_ids,
-        pad_token_id=opt(None, "pad_token_id"),
-        dtype=str(opt("bfloat16", "dtype", "torch_dtype")),
+        pad_token_id=f.int("pad_token_id", default=None),
+        dtype=f.str("dtype", "torch_dtype", default="bfloat16"),
         checkpoint_quant=checkpoint_quant,
         fp8_block_size=block,
         num_mtp_layers=num_mtp,
@@ -327,7 +416,7 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
 
 
 def _family(d: dict[str, Any], source: str) -> str:
-    archs = d.get("architectures") or []
+    archs = _Fields(d, source).str_list("architectures") or []
     for a in archs:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
@@ -339,24 +428,24 @@ def _family(d: dict[str, Any], source: str) -> str:
     )
 
 
-def _rope(d: dict[str, Any], family: str) -> RopeConfig:
+def _rope(d: dict[str, Any], family: str, source: str) -> RopeConfig:
     # transformers 5 folds rope_theta into rope_parameters; Hub files keep rope_theta and rope_scaling.
-    params = dict(d.get("rope_parameters") or {})
-    scaling = dict(d.get("rope_scaling") or {})
-    params = {**scaling, **params}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    top = _Fields(d, source)
+    params = {**top.object("rope_scaling"), **top.object("rope_parameters")}
+    f = _Fields(params, source, "rope_parameters.")
+    kind = f.str("rope_type", "type", default="default") or "default"
     if kind not in ("default", "linear", "yarn"):
-        raise ConfigError(f"config.json: rope type {kind!r} is not supported (default, linear, yarn)")
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported (default, linear, yarn)")
     return RopeConfig(
-        theta=theta,
+        theta=f.float("rope_theta", default=None, positive=True) or top.float("rope_theta", default=10000.0,
+                                                                             positive=True),
         kind=kind,
-        factor=float(params.get("factor", 1.0) or 1.0),
-        original_max_position=params.get("original_max_position_embeddings"),
-        beta_fast=float(params.get("beta_fast", 32.0) or 32.0),
-        beta_slow=float(params.get("beta_slow", 1.0) or 1.0),
-        mscale=float(params.get("mscale", 1.0) or 1.0),
-        mscale_all_dim=float(params.get("mscale_all_dim", 0.0) or 0.0),
-        truncate=bool(params.get("truncate", True)),
+        factor=f.float("factor", default=1.0) or 1.0,
+        original_max_position=f.int("original_max_position_embeddings", default=None, minimum=1),
+        beta_fast=f.float("beta_fast", default=32.0) or 32.0,
+        beta_slow=f.float("beta_slow", default=1.0) or 1.0,
+        mscale=f.float("mscale", default=1.0) or 1.0,
+        mscale_all_dim=f.float("mscale_all_dim", default=0.0) or 0.0,
+        truncate=f.bool("truncate", default=True),
         interleaved=family == "deepseek_v3",
     )

@@ -89,7 +89,7 @@ class LLM:
         from moejax.checkpoints import orbax_store
 
         converted = load_format == "auto" and orbax_store.is_converted(model)
-        self.checkpoint = orbax_store.read_metadata(model) if converted else None
+        self.checkpoint = orbax_store.read_metadata(model, c) if converted else None
         if self.checkpoint is not None:  # a converted checkpoint fixes its dtype and quantization
             dtype = self.checkpoint["dtype"] if dtype == "auto" else dtype
             if dtype != self.checkpoint["dtype"]:
@@ -349,13 +349,9 @@ def device_memory_bytes() -> int:
 
 
 def _generation_eos(directory: str) -> set[int]:
-    import json
+    from moejax.config import read_json_object, token_ids
 
     path = os.path.join(directory, "generation_config.json")
     if not os.path.isfile(path):
         return set()
-    with open(path) as f:
-        eos = json.load(f).get("eos_token_id")
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+    return set(token_ids(path, read_json_object(path), "eos_token_id"))

@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from moejax.config import ConfigError, read_json_object
 
 
 class Tokenizer:
     def __init__(self, directory: str):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        path = os.path.join(directory, "tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(path)
+        except Exception as e:  # the tokenizers package raises its own untyped Exception
+            raise ConfigError(f"{path}: not a valid tokenizer ({e})") from None
         config_path = os.path.join(directory, "tokenizer_config.json")
-        self.config = {}
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                self.config = json.load(f)
+        self.config = read_json_object(config_path) if os.path.isfile(config_path) else {}
         self.chat_template = self.config.get("chat_template")
         template_path = os.path.join(directory, "chat_template.jinja")
         if self.chat_template is None and os.path.isfile(template_path):
-            with open(template_path) as f:
+            with open(template_path, encoding="utf-8") as f:
                 self.chat_template = f.read()
-        self.add_bos = bool(self.config.get("add_bos_token", False))
-        self.bos_token = _token_str(self.config.get("bos_token"))
-        self.eos_token = _token_str(self.config.get("eos_token"))
+        if isinstance(self.chat_template, list):  # named templates: transformers uses the one called "default"
+            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
+            self.chat_template = named.get("default", next(iter(named.values()), None))
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise ConfigError(f"{config_path}: chat_template must be a string, got "
+                              f"{type(self.chat_template).__name__}")
+        add_bos = self.config.get("add_bos_token", False)
+        if not isinstance(add_bos, bool) and add_bos is not None:
+            raise ConfigError(f"{config_path}: add_bos_token must be true or false, got {add_bos!r}")
+        self.add_bos = bool(add_bos)
+        self.bos_token = _token_str(config_path, self.config, "bos_token")
+        self.eos_token = _token_str(config_path, self.config, "eos_token")
 
     @staticmethod
     def exists(directory: str) -> bool:
@@ -64,7 +75,10 @@ class Tokenizer:
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
-def _token_str(tok) -> str | None:
+def _token_str(path: str, config: dict, key: str) -> str | None:
+    tok = config.get(key)
     if isinstance(tok, dict):
-        return tok.get("content")
+        tok = tok.get("content")
+    if tok is not None and not isinstance(tok, str):
+        raise ConfigError(f"{path}: {key} must be a string or an object with a string 'content', got {tok!r}")
     return tok
