@@ -87,10 +87,15 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
         return accumulate(carry, k, v, in_window(kv_pos) & (kv_pos < cached_N[:, None, None]))
 
     max_back = n - 1 if max_back is None else max_back
-    group = max(1, min(max_back + 1, chunk // qb))  # blocks of new keys taken per iteration
+    group = max(1, min(max_back, chunk // qb))  # earlier blocks of the chunk taken per iteration
 
-    def new_blocks(i, carry):
-        src_NG = jnp.arange(n)[:, None] - i * group - jnp.arange(group)[None, :]  # blocks back, same chunk only
+    def own_block(carry):
+        kv_pos = q_pos_NQ[:, None, :]
+        v = k_new_NQKD[..., :dv] if v_new_NQKD is None else v_new_NQKD
+        return accumulate(carry, k_new_NQKD, v, in_window(kv_pos) & (kv_pos >= 0))
+
+    def earlier_blocks(i, carry):
+        src_NG = jnp.arange(n)[:, None] - 1 - i * group - jnp.arange(group)[None, :]  # same chunk only
         same_chunk_NG = src_NG >= first_N[:, None]
         src_NG = jnp.maximum(src_NG, 0)
         k = k_new_NQKD[src_NG].reshape(n, group * qb, kvh, -1)
@@ -104,13 +109,16 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
     if static_bounds:
         lo, hi = 0, page_table_NP.shape[1] // chunk_pages
     hi = hi if static_bounds else jnp.maximum(hi, lo)
-    if static_bounds or max_back == 0:  # decodes: their own key only, a loop of one known iteration
+    if static_bounds or max_back == 0:  # decodes: only their own key, no loop
         back = max_back
     else:
         has_queries = jnp.any(valid_NQ, axis=1)
         back = jnp.minimum(jnp.max(jnp.where(has_queries, jnp.arange(n) - first_N, 0)), max_back) if n else 0
     carry = jax.lax.fori_loop(lo, hi, cached_chunk, (m0, l0, acc0))
-    _, l, acc = jax.lax.fori_loop(0, back // group + 1, new_blocks, carry)
+    carry = own_block(carry)
+    if max_back > 0:
+        carry = jax.lax.fori_loop(0, (back + group - 1) // group, earlier_blocks, carry)
+    _, l, acc = carry
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     out = jnp.where(valid_NQ[:, None, None, :, None], out, 0.0)
     # [blocks, queries, heads, dv]
