@@ -10,6 +10,7 @@ import jax
 
 from moejax.kernels.align import moe_align_block_size
 from moejax.kernels.experts import Activation, ExpertWeights, experts_reference, gated_activation
+from moejax.kernels.layer_weight import LayerWeight
 from moejax.kernels.routing import RoutingConfig, grouped_topk, route_reference
 
 BACKENDS = ("auto", "pallas", "reference")
@@ -84,19 +85,26 @@ def route(router_logits, config: RoutingConfig, correction_bias=None):
 
 
 def experts(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: Activation = Activation()):
-    """Weighted sum of each token's top-k experts: [T, D] -> [T, D]."""
+    """Weighted sum of each token's top-k experts: [T, D] -> [T, D]. The weights may be `LayerWeight`s, one layer
+    of a stack (the Pallas kernels read it in place; the reference takes the slice)."""
+    import dataclasses
+
+    from moejax.kernels.layer_weight import unstacked
+
     use, interpret = _pallas()
     if use:
         from moejax.kernels import pallas_experts
 
         if pallas_experts.supported(params, activation, x_TD.shape[-1]):
             return pallas_experts.experts_pallas(x_TD, weights_TK, ids_TK, params, activation, interpret=interpret)
+    params = ExpertWeights(*(unstacked(getattr(params, f.name)) for f in dataclasses.fields(params)))
     return experts_reference(x_TD, weights_TK, ids_TK, params, activation)
 
 
 __all__ = [
     "Activation",
     "ExpertWeights",
+    "LayerWeight",
     "RoutingConfig",
     "experts",
     "experts_reference",

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 
 from moejax.kernels.align import align_rows
 from moejax.kernels.experts import Activation, ExpertWeights
+from moejax.kernels.layer_weight import LayerWeight, unstacked
 from moejax.kernels.quant import QuantizedWeight, dequantize
 
 
@@ -149,6 +150,11 @@ def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tile
             out_refs[0][...] = out.astype(out_refs[0].dtype)
 
 
+def _bits(w) -> int:
+    w = w.stacked if isinstance(w, LayerWeight) else w
+    return w.bits if isinstance(w, QuantizedWeight) else 0
+
+
 def _weight_refs(w) -> tuple[int, list]:
     if isinstance(w, QuantizedWeight):
         arrays = [w.values, w.scales] + ([w.zeros] if w.zeros is not None else [])
@@ -225,7 +231,7 @@ def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
     """The kernels cover silu experts without biases whose dims tile by 16."""
     if activation.kind != "silu" or params.b_gate is not None or params.b_down is not None:
         return False
-    bits = {_weight_refs(w)[0] for w in (params.w_gate, params.w_up, params.w_down)}
+    bits = {_bits(w) for w in (params.w_gate, params.w_up, params.w_down)}
     if len(bits) != 1:
         return False
     f = params.w_gate.shape[-1]
@@ -235,18 +241,27 @@ def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
 @functools.partial(jax.jit, static_argnames=("activation", "interpret", "tiles", "down_tiles"))
 def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: Activation = Activation(), *,
                    interpret: bool = False, tiles: Tiles | None = None, down_tiles: Tiles | None = None):
-    """Same contract as `experts_reference`."""
+    """Same contract as `experts_reference`. The weights may be `LayerWeight`s (one layer of experts stacked
+    over layers): the kernels then read that layer's experts in place, as experts layer * E + e of the stack."""
     num_tokens, top_k = ids_TK.shape
     num_experts = params.w_gate.shape[0]
     d, f = x_TD.shape[-1], params.w_gate.shape[-1]
-    if dequantizes_first(num_tokens * top_k, num_experts) and isinstance(params.w_gate, QuantizedWeight):
-        params = ExpertWeights(*(dequantize(w, x_TD.dtype) for w in (params.w_gate, params.w_up, params.w_down)))
+    weights = (params.w_gate, params.w_up, params.w_down)
+    if dequantizes_first(num_tokens * top_k, num_experts) and _bits(params.w_gate):
+        weights = tuple(dequantize(unstacked(w), x_TD.dtype) for w in weights)
+    first_expert = None  # where this layer's experts start in a stack of layers
+    if isinstance(weights[0], LayerWeight):
+        (w_gate, first_expert), (w_up, _), (w_down, _) = (w.flat(num_experts) for w in weights)
+        weights = (w_gate, w_up, w_down)
+    params = ExpertWeights(*weights)
     bits = _weight_refs(params.w_gate)[0]
     tiles = tiles or choose_tiles(num_tokens * top_k, num_experts, d, f, bits)
     down_tiles = dataclasses.replace(down_tiles or choose_tiles(num_tokens * top_k, num_experts, f, d, bits),
                                      block_m=tiles.block_m)
     # Assignments of other expert-parallel ranks (ids outside [0, E)) take no row.
     sorted_ids, block_expert, _, row_of_assignment = align_rows(ids_TK, num_experts, tiles.block_m)
+    if first_expert is not None:
+        block_expert = jnp.where(block_expert >= 0, block_expert + first_expert, -1)
     num_rows = sorted_ids.shape[0]
     # [rows, embed]: padding rows repeat the last token; they are computed and never read.
     x_RD = x_TD[jnp.minimum(sorted_ids // top_k, num_tokens - 1)]

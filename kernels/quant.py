@@ -113,7 +113,10 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 
 
 def as_array(w, dtype=None):
-    """A plain array for any weight (dequantizing a QuantizedWeight)."""
+    """A plain array for any weight (taking a LayerWeight's slice, dequantizing a QuantizedWeight)."""
+    from moejax.kernels.layer_weight import unstacked
+
+    w = unstacked(w)
     if isinstance(w, QuantizedWeight):
         return dequantize(w, dtype or w.dtype)
     return w

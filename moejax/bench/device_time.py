@@ -59,3 +59,27 @@ def device_seconds(fn, workdir: str | None = None) -> float | None:
             return None
         ns = busy_ns(jax.profiler.ProfileData.from_file(files[0]))
     return None if ns is None else ns * 1e-9
+
+
+# Parts of a step, by the named scopes the model and runner put on their ops (first match wins).
+PARTS = ("attention", "router", "experts", "dense_mlp", "kv_write", "lm_head", "sampling")
+
+
+def breakdown_ns(profile) -> dict[str, float]:
+    """Device time per part of the step (PARTS, plus "copies" for device-to-device copies and "other") summed
+    over the stream lines of every GPU plane."""
+    out = dict.fromkeys((*PARTS, "copies", "other"), 0.0)
+    for plane in profile.planes:
+        if not plane.name.startswith("/device:") or "CPU" in plane.name:
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                if ev.name.startswith("Memcpy"):
+                    part = "copies"
+                else:
+                    scope = dict(ev.stats).get("name", "") if hasattr(ev, "stats") else ""
+                    part = next((p for p in PARTS if f"/{p}" in str(scope)), "other")
+                out[part] += ev.duration_ns
+    return out

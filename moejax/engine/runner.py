@@ -161,10 +161,12 @@ class ModelRunner:
             batch = PagedBatch(f["slot_page"], f["slot_offset"], f["decode_pages"], f["prefill_pages"],
                                f["prefill_first"], shape.num_decode, self.prefill_block)
             hidden_TD, pool, top = model.forward(params, tokens_T, f["positions"], pool, batch)
-            logits_SV = top.logits(hidden_TD[f["sample_index"]])
-            sampling = SamplingBatch(f["temperature"], f["top_p"], f["top_k"], f["min_p"],
-                                     jax.lax.bitcast_convert_type(f["seed"], jnp.uint32), f["step"])
-            tokens_S, logprobs_S, top_lp = sample(logits_SV, sampling, shape.num_logprobs)
+            with jax.named_scope("lm_head"):
+                logits_SV = top.logits(hidden_TD[f["sample_index"]])
+            with jax.named_scope("sampling"):
+                sampling = SamplingBatch(f["temperature"], f["top_p"], f["top_k"], f["min_p"],
+                                         jax.lax.bitcast_convert_type(f["seed"], jnp.uint32), f["step"])
+                tokens_S, logprobs_S, top_lp = sample(logits_SV, sampling, shape.num_logprobs)
             sampled = jnp.zeros(max_rows, jnp.int32).at[: tokens_S.shape[0]].set(tokens_S)
             return _replicate((tokens_S, logprobs_S, top_lp)), _replicate(sampled), pool
 

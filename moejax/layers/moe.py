@@ -63,10 +63,12 @@ class MoEBlock(nnx.Module):
         """Returns (output [B, T, D], router logits [B*T, E])."""
         b, t, d = x_BTD.shape
         x_TD = x_BTD.reshape(b * t, d)
-        logits_TE = self.router(x_TD)
-        bias = self.correction_bias[...] if self.correction_bias is not None else None
-        weights_TK, ids_TK = kernels.route(logits_TE, routing_config(self.config), bias)
-        y_TD = moe_experts(x_TD, weights_TK, ids_TK, self.expert_weights(), self.activation)
+        with jax.named_scope("router"):
+            logits_TE = self.router(x_TD)
+            bias = self.correction_bias[...] if self.correction_bias is not None else None
+            weights_TK, ids_TK = kernels.route(logits_TE, routing_config(self.config), bias)
+        with jax.named_scope("experts"):
+            y_TD = moe_experts(x_TD, weights_TK, ids_TK, self.expert_weights(), self.activation)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:

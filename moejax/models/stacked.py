@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 
 from moejax.kernels.attention_reference import NO_WINDOW
+from moejax.kernels.layer_weight import LayerWeight
+from moejax.kernels.quant import QuantizedWeight
 from moejax.layers.kv_cache import KVPool, LayerKV, PagedBatch, commit
 
 
@@ -40,6 +42,18 @@ def _stack(arrays, free: bool):
         for a in arrays:
             a.delete()
     return out
+
+
+def _split_in_place(run_params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(parameters the scan slices per layer, parameters left stacked): the routed experts (first logical axis
+    "experts" after the layer axis) stay whole, since slicing them inside the scan would copy each layer's
+    experts every step."""
+    def experts(path, variable):
+        axes = variable.get_metadata().get("logical_axes") or ()
+        return bool(axes) and axes[0] == "experts"
+
+    in_place, scanned = nnx.split_state(run_params, experts, ...)
+    return scanned, in_place
 
 
 class StackedModel:
@@ -82,18 +96,23 @@ class StackedModel:
         positions_BT = positions_T[None]
         for run, run_params in zip(self.runs, params["runs"]):
             layers = jnp.arange(run.start, run.stop)
-            xs = (run_params, layers, jnp.asarray(self.windows[run.start:run.stop]))
+            scanned, in_place = _split_in_place(run_params)
+            xs = (scanned, jnp.arange(run.stop - run.start), layers, jnp.asarray(self.windows[run.start:run.stop]))
 
             # The pools are read-only inside the scan; each layer's new keys and values come out as the scan's
             # outputs and are written with one scatter per run, in place into the donated pools.
-            def body(x, xs, run=run, pool=pool):
-                layer_params, i, window = xs
-                layer = nnx.merge(run.graphdef, layer_params)
+            def body(x, xs, run=run, pool=pool, in_place=in_place):
+                layer_params, j, i, window = xs
+                # Expert weights stay stacked: the expert kernels read layer j of the stack in place.
+                stacked = jax.tree.map(lambda w: LayerWeight(w, j), in_place,
+                                       is_leaf=lambda w: isinstance(w, QuantizedWeight))
+                layer = nnx.merge(run.graphdef, layer_params, stacked)
                 kv = None if pool is None else LayerKV(pool, batch, i)
                 x, kv, _ = layer(x, positions_BT, kv, window)
                 return x, None if kv is None else (kv.k_TKD, kv.v_TKD)
 
             x, new = jax.lax.scan(body, x, xs)
             if pool is not None:
-                pool = commit(pool, batch, layers, *new)
+                with jax.named_scope("kv_write"):
+                    pool = commit(pool, batch, layers, *new)
         return x[0], pool, top

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import kernels
+from moejax.kernels.layer_weight import unstacked
 from moejax.sharding.rules import DATA, EXPERT, TENSOR, logical_to_spec
 
 EXPERT_AXES = {
@@ -55,7 +56,15 @@ def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activat
     token_spec = P(DATA) if num_tokens % shape.get(DATA, 1) == 0 else P()
     names = tuple(fields)
 
-    def local(x_TD, weights_TK, ids_TK, *arrays):
+    # One layer of weights stacked over layers (kernels.LayerWeight) crosses shard_map as its stack (a leading
+    # unsplit layer axis) and its layer index, and is put back together inside.
+    layered = {n for n in names if isinstance(fields[n], kernels.LayerWeight)}
+    layer = next((fields[n].layer for n in layered), jnp.zeros((), jnp.int32))
+    arrays = [fields[n].stacked if n in layered else fields[n] for n in names]
+    array_specs = [P(None, *specs[n]) if n in layered else specs[n] for n in names]
+
+    def local(x_TD, weights_TK, ids_TK, layer, *arrays):
+        arrays = [kernels.LayerWeight(a, layer) if n in layered else a for n, a in zip(names, arrays)]
         local_params = kernels.ExpertWeights(**dict(zip(names, arrays)))
         if expert_sharded:
             offset = jax.lax.axis_index(EXPERT) * local_params.w_gate.shape[0]
@@ -69,15 +78,16 @@ def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activat
 
     mapped = jax.shard_map(
         local,
-        in_specs=(token_spec, token_spec, token_spec, *(specs[n] for n in names)),
+        in_specs=(token_spec, token_spec, token_spec, P(), *array_specs),
         out_specs=token_spec,
         check_vma=False,
     )
-    return mapped(x_TD, weights_TK, ids_TK, *fields.values())
+    return mapped(x_TD, weights_TK, ids_TK, layer, *arrays)
 
 
 def _bias_term(weights_TK, ids_TK, b_down_ED, dtype):
     """sum_k weight * b_down[id] for the assignments this rank owns."""
+    b_down_ED = unstacked(b_down_ED)
     num_experts = b_down_ED.shape[0]
     mine = (ids_TK >= 0) & (ids_TK < num_experts)
     bias_TKD = b_down_ED[jnp.clip(ids_TK, 0, num_experts - 1)].astype(jnp.float32)

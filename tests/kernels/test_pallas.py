@@ -164,3 +164,25 @@ def test_align_rows_tight_and_invertible(tokens, top_k, num_experts, block):
     worst = np.arange(n, dtype=np.int32).reshape(tokens, top_k) % num_experts
     rows = np.asarray(align_rows(jnp.asarray(worst), num_experts, block)[0])
     assert sorted((rows[rows < n]).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("bits, tokens", [(0, 5), (8, 5), (4, 5), (8, 96)])
+def test_layer_of_stacked_experts_read_in_place(bits, tokens):
+    """A LayerWeight (layer j of experts stacked over layers) gives what that layer's own weights give, through
+    the kernels (which address the stack as layer * E + e) and through the reference door."""
+    from moejax.kernels import LayerWeight
+
+    layers, e = 3, 4
+    x, w, ids, _ = _problem(tokens, 256, 64, e, 2, jnp.float32)
+    rng = np.random.default_rng()
+    stacked = [rng.standard_normal((layers, *s)).astype(np.float32) * 0.1 for s in [(e, 256, 64), (e, 256, 64),
+                                                                                     (e, 64, 256)]]
+    prepare = (lambda a: quantize(jnp.asarray(a), bits, group_size=128)) if bits else jnp.asarray
+    ids = ids.at[0, 0].set(-1)  # another rank's assignment stays skipped
+    for j in (0, 2):
+        own = ExpertWeights(*[prepare(a[j]) for a in stacked])
+        ref = np.asarray(experts_reference(x, w, ids, own))
+        layered = ExpertWeights(*[LayerWeight(prepare(a), jnp.int32(j)) for a in stacked])
+        got = np.asarray(experts_pallas(x, w, ids, layered, interpret=True))
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3, j
+        np.testing.assert_allclose(np.asarray(kernels.experts(x, w, ids, layered)), ref, rtol=1e-5, atol=1e-6)
