@@ -31,7 +31,8 @@ def test_convert_then_load_equals_hf(hf_model_dir, tmp_path, family):
         src = make_gpt_oss(str(tmp_path / "src"))
     else:
         src = hf_model_dir(family)
-    modes = [None, "int8", "int4"]
+    # Quantized conversion is family-agnostic: it runs for one GQA family and for the two unusual layouts.
+    modes = [None, "int8", "int4"] if family in ("qwen3_moe", "deepseek_v3", "gpt_oss") else [None]
     for quantization in modes:
         out = str(tmp_path / f"out_{quantization}")
         convert(src, out, quantization=quantization)

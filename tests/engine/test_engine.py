@@ -49,10 +49,11 @@ def test_hundreds_of_mixed_requests_with_preemption(llm):
     assert not small.llm_engine.has_unfinished_requests()
     for out, p in zip(outs, params):
         assert out.finished and all(len(o.token_ids) == p.max_tokens for o in out.outputs)
-    # Every request alone (in the roomy engine) gives the same tokens: greedy and seeded alike.
-    for prompt, p, out in zip(prompts, params, outs):
-        alone = llm.generate(prompt_token_ids=[prompt], sampling_params=p, use_tqdm=False)[0]
-        assert tokens([alone]) == tokens([out])
+    # Every greedy request alone (in the roomy engine) gives the same tokens, and so does every fourth seeded one.
+    checked = [i for i in range(n) if i % 3 == 0 or i % 4 == 1]
+    for i in checked:
+        alone = llm.generate(prompt_token_ids=[prompts[i]], sampling_params=params[i], use_tqdm=False)[0]
+        assert tokens([alone]) == tokens([outs[i]]), i
 
 
 def test_request_joins_running_batch_and_abort_frees_pages(llm):
