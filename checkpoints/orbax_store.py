@@ -68,18 +68,14 @@ def read_metadata(directory: str, config=None) -> dict:
     a tampered file is refused with its name, before any array is restored."""
     from moejax.checkpoints.safetensors import CheckpointError
 
+    from moejax.config import read_json_object
+
     path = os.path.join(directory, METADATA)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    meta = read_json_object(path, CheckpointError)
 
     def bad(what: str):
         return CheckpointError(f"{path}: {what}")
 
-    if not isinstance(meta, dict):
-        raise bad(f"must be a JSON object, got {type(meta).__name__}")
     for key in ("family", "dtype", "quantized"):
         if key not in meta:
             raise bad(f"missing key {key!r}")

@@ -121,12 +121,9 @@ def shard_path(directory: str, name, index_path: str) -> str:
 
 
 def _weight_map(index_path: str) -> dict[str, str]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    from moejax.config import read_json_object
+
+    weight_map = read_json_object(index_path, CheckpointError).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
         raise CheckpointError(f"{index_path}: must be an object with a weight_map of tensor name -> file name")
     return weight_map

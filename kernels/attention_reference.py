@@ -103,12 +103,12 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
         kv_pos = jnp.where(same_chunk_NG[:, :, None], q_pos_NQ[src_NG], -1).reshape(n, 1, group * qb)
         return accumulate(carry, k, v, in_window(kv_pos) & (kv_pos >= 0))
 
-    first = jnp.min(jnp.where(valid_NQ, q_pos_NQ, NO_WINDOW))
-    lo = jnp.maximum(first - window + 1, 0) // chunk
-    hi = (jnp.max(cached_N) + chunk - 1) // chunk
     if static_bounds:
         lo, hi = 0, page_table_NP.shape[1] // chunk_pages
-    hi = hi if static_bounds else jnp.maximum(hi, lo)
+    else:  # from the chunk of the earliest key any window reaches to the chunk of the longest cached context
+        first = jnp.min(jnp.where(valid_NQ, q_pos_NQ, NO_WINDOW))
+        lo = jnp.maximum(first - window + 1, 0) // chunk
+        hi = jnp.maximum((jnp.max(cached_N) + chunk - 1) // chunk, lo)
     if static_bounds or max_back == 0:  # decodes: only their own key, no loop
         back = max_back
     else:

@@ -25,7 +25,7 @@ def _optional_subcommands() -> None:
     for name, module, text in (
         ("plan", "moejax.plan.cli", "memory plan for a model on a mesh"),
         ("convert", "moejax.checkpoints.convert", "convert a HF checkpoint to a moejax (Orbax) checkpoint"),
-        ("serve", "moejax.serve.cli", "OpenAI-compatible HTTP server"),
+        ("serve", "moejax.server.cli", "OpenAI-compatible HTTP server"),
         ("bench", "moejax.bench", "benchmarks"),
     ):
         if importlib.util.find_spec(module.rsplit(".", 1)[0]) is not None:

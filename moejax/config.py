@@ -162,15 +162,16 @@ class ModelConfig:
         return _parse(dict(data), source)
 
 
-def read_json_object(path: str) -> dict[str, Any]:
-    """A JSON file that must hold an object (config.json, generation_config.json, tokenizer_config.json)."""
+def read_json_object(path: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, generation_config.json, tokenizer_config.json, a
+    checkpoint's index or metadata); anything else raises `error` naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: must be a JSON object, got {type(data).__name__}")
     return data
 
 

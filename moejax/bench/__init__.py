@@ -1,5 +1,6 @@
 """`moejax bench`: `generate` (moejax against transformers end to end, beside rooflines measured in the same run;
-see generate.py) and `kernels` (moejax.kernels.bench: the grouped expert matmuls and routing)."""
+see generate.py), `serve` (streaming clients against `moejax serve`, beside offline generate; serve.py) and
+`kernels` (moejax.kernels.bench: the grouped expert matmuls and routing)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moejax.bench import generate
+    from moejax.bench import generate, serve
 
-    p.add_argument("what", choices=["generate", "kernels"])
-    p.add_argument("config", nargs="?", help="config.json (or its directory) of the model shape (bench generate)")
+    p.add_argument("what", choices=["generate", "kernels", "serve"])
+    p.add_argument("config", nargs="?", help="config.json (or its directory) of the model shape (bench generate, "
+                   "bench serve: random weights), or a model directory (bench serve)")
     p.add_argument("--json", default=None, help="also write all numbers here")
     generate.add_arguments(p)
+    serve.add_arguments(p)
     kernels = p.add_argument_group("bench kernels")
     kernels.add_argument("--shapes", type=int, nargs="*", default=None, help="indices of the six shapes (default all)")
     kernels.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
@@ -27,6 +30,10 @@ def run(args) -> int:
             (["--sweep"] if args.sweep else []) + (["--no-layer"] if args.no_layer else []) + \
             (["--json", args.json] if args.json else [])
         return int(kernel_bench.main(argv) or 0)
+    if args.what == "serve":
+        from moejax.bench import serve
+
+        return serve.run(args)
     if not args.config:
         raise ValueError("bench generate needs a config.json")
     from moejax.bench import generate

@@ -11,6 +11,8 @@ import dataclasses
 import itertools
 import time
 
+import numpy as np
+
 from moejax.engine.detokenizer import IncrementalText
 from moejax.engine.outputs import CompletionOutput, RequestOutput
 from moejax.engine.pages import PageAllocator
@@ -48,6 +50,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_number = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self._expert_counts = None  # summed per-step expert counts, when the runner counts them
 
     # -- vLLM's API ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids, sampling_params: SamplingParams | None = None,
@@ -131,8 +134,27 @@ class LLMEngine:
             raise ValueError(f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         return ids
 
+    def count_experts(self, enabled: bool = True) -> None:
+        """Count the tokens each MoE layer routes to each expert, on the device inside every step (read back
+        with the step's tokens); `take_expert_counts` collects them. New step variants compile (warm up again)."""
+        self.runner.count_experts = enabled
+        self.runner.warmed_up = False
+        self._expert_counts = None
+
+    def take_expert_counts(self):
+        """(counts int64 [MoE layers, experts] since the last call, their layer indices), or None if nothing
+        was counted."""
+        counts, self._expert_counts = self._expert_counts, None
+        if counts is None:
+            return None
+        layers = [i for i, moe in enumerate(self.runner.config.moe_layers) if moe]
+        return counts, layers
+
     def _process(self, flight: InFlight) -> list[RequestOutput]:
         tokens, logprobs, top = flight.fetch()
+        if flight.expert_counts is not None:
+            counts = np.asarray(flight.expert_counts, np.int64)
+            self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
         now = time.perf_counter()
         changed = {}
         for row, seq, index in flight.rows:

@@ -116,6 +116,7 @@ class InFlight:
     tokens: jax.Array
     logprobs: jax.Array
     top: tuple | None
+    expert_counts: jax.Array | None = None  # [MoE layers, experts], when the runner counts them
 
     def fetch(self):
         top = None if self.top is None else (np.asarray(self.top[0]), np.asarray(self.top[1]))
@@ -146,6 +147,9 @@ class ModelRunner:
         self._buffers: dict[StepShape, list[np.ndarray]] = {}
         self.warmed_up = False
         self.unexpected_compilations = 0
+        # Count each MoE layer's routed tokens per expert inside the step (the server's expert metrics); a
+        # static argument of the step, so turning it on compiles its own variants (warm up again after).
+        self.count_experts = False
         model = self.model
         max_rows = buckets.max_sample_rows
 
@@ -153,14 +157,15 @@ class ModelRunner:
         # compiled variant.
         out_shardings = (self._replicated, self._replicated, jax.tree.map(lambda a: a.sharding, self.pool))
 
-        @functools.partial(jax.jit, donate_argnames=("pool",), static_argnames=("shape",),
+        @functools.partial(jax.jit, donate_argnames=("pool",), static_argnames=("shape", "count_experts"),
                            out_shardings=out_shardings)
-        def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape):
+        def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape, count_experts: bool = False):
             f = self._unpack(packed, shape)
             tokens_T = jnp.where(f["prev_src"] >= 0, prev_sampled[jnp.maximum(f["prev_src"], 0)], f["tokens"])
             batch = PagedBatch(f["slot_page"], f["slot_offset"], f["decode_pages"], f["prefill_pages"],
                                f["prefill_first"], shape.num_decode, self.prefill_block)
-            hidden_TD, pool, top = model.forward(params, tokens_T, f["positions"], pool, batch)
+            hidden_TD, pool, top, counts = model.forward(params, tokens_T, f["positions"], pool, batch,
+                                                         count_experts=count_experts)
             with jax.named_scope("lm_head"):
                 logits_SV = top.logits(hidden_TD[f["sample_index"]])
             with jax.named_scope("sampling"):
@@ -168,11 +173,11 @@ class ModelRunner:
                                          jax.lax.bitcast_convert_type(f["seed"], jnp.uint32), f["step"])
                 tokens_S, logprobs_S, top_lp = sample(logits_SV, sampling, shape.num_logprobs)
             sampled = jnp.zeros(max_rows, jnp.int32).at[: tokens_S.shape[0]].set(tokens_S)
-            return _replicate((tokens_S, logprobs_S, top_lp)), _replicate(sampled), pool
+            return _replicate((tokens_S, logprobs_S, top_lp, counts)), _replicate(sampled), pool
 
         @jax.jit
         def forward_logits(params, tokens_T, positions_T):
-            hidden_TD, _, top = model.forward(params, tokens_T, positions_T)
+            hidden_TD, _, top, _ = model.forward(params, tokens_T, positions_T)
             return _replicate(top.logits(hidden_TD))
 
         self.step_fn = step
@@ -282,18 +287,18 @@ class ModelRunner:
         packed = jax.device_put(buf, self._replicated)
         before = self.compilations() if self.warmed_up else None
         with self._context():
-            (tokens, logprobs, top), self._prev, self.pool = self.step_fn(
-                self.params, self.pool, packed, self._prev, shape)
+            (tokens, logprobs, top, counts), self._prev, self.pool = self.step_fn(
+                self.params, self.pool, packed, self._prev, shape, self.count_experts)
         if before is not None and self.compilations() != before:
             self.unexpected_compilations += 1
             logger.warning("step shape %s compiled after warm-up", shape)
-        return tokens, logprobs, top
+        return tokens, logprobs, top, counts
 
     def launch(self, scheduled: ScheduledStep, num_logprobs: int = 0) -> InFlight:
         """Start a step on the device and its results' copy to the host; returns without waiting."""
         shape, buf, rows = self.prepare(scheduled, num_logprobs)
-        tokens, logprobs, top = self._run(shape, buf)
-        for x in (tokens, logprobs, *(top or ())):
+        tokens, logprobs, top, counts = self._run(shape, buf)
+        for x in (tokens, logprobs, *(top or ()), *(() if counts is None else (counts,))):
             x.copy_to_host_async()
         sampled = []
         for row, seq in enumerate(rows):
@@ -301,7 +306,7 @@ class ModelRunner:
                 seq.sample_row = row
                 sampled.append((row, seq, len(seq.output_ids)))
                 seq.output_ids.append(None)
-        return InFlight(scheduled, sampled, tokens, logprobs, top)
+        return InFlight(scheduled, sampled, tokens, logprobs, top, counts)
 
     def warmup(self) -> int:
         """Compile every step shape (with all-padding inputs, which write nothing); returns how many."""

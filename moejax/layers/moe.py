@@ -59,8 +59,8 @@ class MoEBlock(nnx.Module):
             value(self.b_gate), value(self.b_up), value(self.b_down),
         )
 
-    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns (output [B, T, D], router logits [B*T, E])."""
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (output [B, T, D], router logits [B*T, E], chosen expert ids [B*T, k])."""
         b, t, d = x_BTD.shape
         x_TD = x_BTD.reshape(b * t, d)
         with jax.named_scope("router"):
@@ -74,4 +74,4 @@ class MoEBlock(nnx.Module):
             if self.shared_gate is not None:
                 shared_TD = jax.nn.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        return y_TD.reshape(b, t, d), logits_TE
+        return y_TD.reshape(b, t, d), logits_TE, ids_TK

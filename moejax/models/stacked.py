@@ -87,10 +87,15 @@ class StackedModel:
         model.layers = nnx.List(layers)
         return nnx.split(model)
 
-    def forward(self, params, tokens_T, positions_T, pool: KVPool | None = None, batch: PagedBatch | None = None):
-        """Flat tokens [T] -> (hidden [T, D] before the final norm, updated pool, the top module for logits).
+    def forward(self, params, tokens_T, positions_T, pool: KVPool | None = None, batch: PagedBatch | None = None,
+                count_experts: bool = False):
+        """Flat tokens [T] -> (hidden [T, D] before the final norm, updated pool, the top module for logits,
+        expert counts).
 
-        Without a pool the tokens are one sequence attending causally among themselves."""
+        Without a pool the tokens are one sequence attending causally among themselves. count_experts: also
+        count, on the device, the tokens (positions >= 0) each MoE layer routed to each expert: int32
+        [MoE layers, experts] in layer order (None when not asked)."""
+        counts = []
         top = nnx.merge(self.top_graphdef, params["top"])
         x = top.embed(tokens_T[None])
         positions_BT = positions_T[None]
@@ -108,11 +113,21 @@ class StackedModel:
                                        is_leaf=lambda w: isinstance(w, QuantizedWeight))
                 layer = nnx.merge(run.graphdef, layer_params, stacked)
                 kv = None if pool is None else LayerKV(pool, batch, i)
-                x, kv, _ = layer(x, positions_BT, kv, window)
-                return x, None if kv is None else (kv.k_TKD, kv.v_TKD)
+                x, kv, routing = layer(x, positions_BT, kv, window)
+                ys = {"kv": None if kv is None else (kv.k_TKD, kv.v_TKD)}
+                if count_experts and routing is not None:
+                    valid_T = (positions_BT[0] >= 0).astype(jnp.int32)
+                    ids_TK = routing.ids_TK
+                    ys["counts"] = jnp.zeros(self.config.num_experts, jnp.int32).at[ids_TK].add(
+                        jnp.broadcast_to(valid_T[:, None], ids_TK.shape), mode="drop")
+                return x, ys
 
-            x, new = jax.lax.scan(body, x, xs)
+            x, ys = jax.lax.scan(body, x, xs)
+            new = ys["kv"]
+            if "counts" in ys:
+                counts.append(ys["counts"])
             if pool is not None:
                 with jax.named_scope("kv_write"):
                     pool = commit(pool, batch, layers, *new)
-        return x[0], pool, top
+        expert_counts = jnp.concatenate(counts) if counts else None
+        return x[0], pool, top, expert_counts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,15 @@ from moejax.layers.mla import MLAttention
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import MoEBlock
 from moejax.layers.norms import RMSNorm
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """What an MoE layer's router decided: logits [T, E] and the chosen experts [T, k]."""
+
+    logits_TE: jax.Array
+    ids_TK: jax.Array
 
 
 class DecoderLayer(nnx.Module):
@@ -34,11 +45,12 @@ class DecoderLayer(nnx.Module):
             x_BTD = x_BTD + attn_out
         h = self.post_attn_norm(x_BTD)
         if self.moe is not None:
-            mlp_out, router_logits = self.moe(h)
+            mlp_out, router_logits, expert_ids = self.moe(h)
+            routing = Routing(router_logits, expert_ids)
         else:
             with jax.named_scope("dense_mlp"):
-                mlp_out, router_logits = self.mlp(h), None
-        return x_BTD + mlp_out, kv, router_logits
+                mlp_out, routing = self.mlp(h), None
+        return x_BTD + mlp_out, kv, routing
 
 
 class MoETransformer(nnx.Module):
@@ -61,11 +73,11 @@ class MoETransformer(nnx.Module):
         router_logits = []
         for i, layer in enumerate(self.layers):
             kv = None if pool is None else LayerKV(pool, batch, i)
-            x, kv, logits = layer(x, positions_BT, kv, self.config.window(i))
+            x, kv, routing = layer(x, positions_BT, kv, self.config.window(i))
             if kv is not None:
                 pool = kv.commit()
-            if logits is not None:
-                router_logits.append(logits)
+            if routing is not None:
+                router_logits.append(routing.logits_TE)
         return x, pool, router_logits
 
     def logits(self, hidden: jax.Array) -> jax.Array:
