@@ -142,7 +142,7 @@ def make_gpt_oss(path: str, seed: int = 0, sliding_window: int = 8) -> str:
 
 
 def make_deepseek(path: str, seed: int = 0, q_lora_rank: int | None = 24, n_group: int = 4, topk_group: int = 2,
-                  num_layers: int = 3) -> str:
+                  num_layers: int = 3, kv_lora_rank: int = 16, qk_rope_head_dim: int = 8) -> str:
     """A tiny DeepSeek-V3 (MLA with YaRN, a dense first layer, grouped sigmoid routing with correction bias,
     a shared expert) saved with save_pretrained; the correction bias is perturbed so that it matters."""
     import torch
@@ -151,7 +151,8 @@ def make_deepseek(path: str, seed: int = 0, q_lora_rank: int | None = 24, n_grou
     cfg = tf.DeepseekV3Config(
         vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_group=n_group, topk_group=topk_group,
-        num_experts_per_tok=2, q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        num_experts_per_tok=2, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=16,
+        qk_rope_head_dim=qk_rope_head_dim,
         v_head_dim=16, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         max_position_embeddings=256, tie_word_embeddings=False,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,

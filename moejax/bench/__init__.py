@@ -1,6 +1,7 @@
 """`moejax bench`: `generate` (moejax against transformers end to end, beside rooflines measured in the same run;
-see generate.py), `serve` (streaming clients against `moejax serve`, beside offline generate; serve.py) and
-`kernels` (moejax.kernels.bench: the grouped expert matmuls and routing)."""
+see generate.py), `serve` (streaming clients against `moejax serve`, beside offline generate; serve.py),
+`kernels` (moejax.kernels.bench: the grouped expert matmuls and routing) and `attention`
+(moejax.kernels.attention_bench: decode attention over KV pages)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from moejax.bench import generate, serve
 
-    p.add_argument("what", choices=["generate", "kernels", "serve"])
+    p.add_argument("what", choices=["generate", "kernels", "serve", "attention"])
     p.add_argument("config", nargs="?", help="config.json (or its directory) of the model shape (bench generate, "
                    "bench serve: random weights), or a model directory (bench serve)")
     p.add_argument("--json", default=None, help="also write all numbers here")
@@ -19,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     kernels = p.add_argument_group("bench kernels")
     kernels.add_argument("--shapes", type=int, nargs="*", default=None, help="indices of the six shapes (default all)")
     kernels.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
+    kernels.add_argument("--attention-quick", action="store_true", help="bench attention: four cases per model")
     kernels.add_argument("--no-layer", action="store_true", help="skip the peers and whole-layer timings")
 
 
@@ -30,6 +32,11 @@ def run(args) -> int:
             (["--sweep"] if args.sweep else []) + (["--no-layer"] if args.no_layer else []) + \
             (["--json", args.json] if args.json else [])
         return int(kernel_bench.main(argv) or 0)
+    if args.what == "attention":
+        from moejax.kernels import attention_bench
+
+        argv = (["--quick"] if args.attention_quick else []) + (["--json", args.json] if args.json else [])
+        return int(attention_bench.main(argv) or 0)
     if args.what == "serve":
         from moejax.bench import serve
 
