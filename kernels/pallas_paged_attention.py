@@ -27,11 +27,11 @@ NUM_SMS = 132  # H100 / H200; enough programs for a few waves of them
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTiles:
-    block_tokens: int = 128  # keys per inner step (pages_per_block = block_tokens // page_size)
+    block_tokens: int = 64  # keys per inner step (pages_per_block = block_tokens // page_size)
     block_h: int = 16  # query heads per program (tl.dot needs 16 rows; fewer heads are padded)
     splits: int | None = None  # None: enough to give every SM a few programs
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1  # H200 sweep: software pipelining of the gathered page loads only slowed them
 
 
 def _pow2_parts(dim: int) -> list[tuple[int, int]]:
@@ -51,7 +51,9 @@ def supported(head_dim: int, value_dim: int, page_size: int) -> bool:
         page_size & (page_size - 1) == 0 and page_size <= 128
 
 
-def default_tiles(head_dim: int) -> DecodeTiles:
+def default_tiles(head_dim: int, itemsize: int = 2) -> DecodeTiles:
+    if head_dim > 256 and itemsize > 2:  # float32 MLA: one stage of 32 keys fits the 227 KB of shared memory
+        return DecodeTiles(block_tokens=32, block_h=32, num_warps=8, num_stages=1)
     if head_dim > 256:  # MLA's 576-wide latent: smaller key blocks keep the tiles in registers
         return DecodeTiles(block_tokens=64, block_h=32, num_warps=8)
     return DecodeTiles()
@@ -127,7 +129,7 @@ def paged_decode(q_NHD, pos_N, page_table_NP, k_pool, v_pool, layer, k_new_NKD, 
     num_layers, num_pages, page_size, kvh, _ = k_pool.shape
     dv = value_dim if v_pool is None else v_pool.shape[-1]
     g = h // kvh
-    tiles = tiles or default_tiles(d)
+    tiles = tiles or default_tiles(d, jnp.dtype(k_pool.dtype).itemsize)
     pages_per_block = max(1, tiles.block_tokens // page_size)
     block_h = max(16, min(tiles.block_h, 1 << (g - 1).bit_length()))
     head_blocks = -(-g // block_h)
