@@ -72,7 +72,8 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("nkgqc,nckd->nkgqd", p.astype(v_NCKD.dtype), v_NCKD, preferred_element_type=jnp.float32)
+        v_NCKD = v_NCKD.astype(q.dtype)  # FP8 pages are upcast; p never goes below the query's precision
+        pv = jnp.einsum("nkgqc,nckd->nkgqd", p.astype(q.dtype), v_NCKD, preferred_element_type=jnp.float32)
         return m_new, l, acc * correction[..., None] + pv
 
     def in_window(kv_pos):

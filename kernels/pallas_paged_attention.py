@@ -98,7 +98,7 @@ def _decode_kernel(window_ref, pos_ref, pages_ref, q_ref, k_ref, *refs, scale, s
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         p = jnp.exp(sc - m_new[:, None])
         correction = jnp.exp(m - m_new)
-        v = v_ref[ids, :, kvh, pl.ds(0, value_dim)].reshape(tokens, value_dim)
+        v = v_ref[ids, :, kvh, pl.ds(0, value_dim)].reshape(tokens, value_dim).astype(qs[0].dtype)
         pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
         return m_new, l * correction + jnp.sum(p, axis=1), acc * correction[:, None] + pv

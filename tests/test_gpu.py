@@ -60,10 +60,11 @@ def test_step_updates_kv_pool_in_place_on_gpu():
     dict(heads=64, kv_heads=8, head_dim=64, sinks=True, window=128),  # GPT-OSS sliding layers
     dict(heads=16, kv_heads=1, head_dim=576, value_dim=512),  # DeepSeek-V3 MLA, 16 heads of a TP rank
 ])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8"])
 def test_compiled_decode_attention_equals_reference(shape, dtype):
     """The compiled flash-decoding kernel against the pure-JAX reference on shuffled pages: a first token, a
-    partial last page, a full table, a padding row (float32: 1e-5; bf16: 2e-2 of bf16 rounding)."""
+    partial last page, a full table, a padding row (float32: 1e-5; bf16, and FP8 pages under bf16 queries: 2e-2,
+    bf16 rounding)."""
     from moejax.kernels.attention_reference import NO_WINDOW
     from moejax.kernels.pallas_paged_attention import paged_decode
     from tests.kernels.test_paged_attention import decode_case, decode_reference
@@ -73,7 +74,10 @@ def test_compiled_decode_attention_equals_reference(shape, dtype):
     rng = np.random.default_rng()
     max_pages, ps = 256, 16
     contexts = [0, 5, 1000, 4095, max_pages * ps - 1, int(rng.integers(1, 4096)), -1]
-    case = decode_case(rng, page_size=ps, max_pages=max_pages, contexts=contexts, dtype=jnp.dtype(dtype), **shape)
+    pool = jnp.float8_e4m3fn if dtype == "fp8" else None  # e4m3 pages under bf16 queries
+    dtype = "bfloat16" if dtype == "fp8" else dtype
+    case = decode_case(rng, page_size=ps, max_pages=max_pages, contexts=contexts, dtype=jnp.dtype(dtype),
+                       pool_dtype=pool, **shape)
     args = {k: v for k, v in case.items() if k != "value_dim"}
     scale = 1 / np.sqrt(shape["head_dim"])
     out = paged_decode(**args, scale=float(scale), window=window, value_dim=case["value_dim"])

@@ -19,7 +19,7 @@ from moejax.engine.runner import Buckets, ModelRunner, bucket
 from moejax.engine.sampling import SamplingParams
 from moejax.engine.tokenizer import Tokenizer
 from moejax.models import build_abstract
-from moejax.plan.memory import Mesh, plan_memory, smallest_fix
+from moejax.plan.memory import KV_CACHE_DTYPES, Mesh, plan_memory, smallest_fix
 from moejax.sharding.distributed import initialize_from_env
 from moejax.sharding.mesh import make_mesh, sharding_for_axes
 
@@ -81,8 +81,8 @@ class LLM:
                                      ("enable_dp_attention", enable_dp_attention, False)):
             if value != default:
                 raise ValueError(f"{name}={value!r} is not supported by this version of moejax yet")
-        if kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; use 'auto'")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.model_path = model
         self.config = ModelConfig.from_file(model)
         c = self.config
@@ -120,6 +120,8 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
         self.dtype = DTYPES[dtype]
         self.dtype_name = dtype
+        # e4m3 pages (unit scale, saturating: vLLM's default without calibrated scales) or the model's dtype
+        self.kv_dtype = jnp.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
         self.quantization = quantization
         self.max_num_seqs = max_num_seqs
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -133,7 +135,7 @@ class LLM:
         self.memory_plan = plan_memory(
             c, mesh=plan_mesh, dtype=dtype, quantization=quantization, device_memory_bytes=device_memory_bytes(),
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len or c.max_position_embeddings,
-            max_num_seqs=max_num_seqs, model=model)
+            max_num_seqs=max_num_seqs, model=model, kv_cache_dtype=kv_cache_dtype)
         plan = self.memory_plan
         capacity = plan.kv_cache_tokens if kv_cache_tokens is None else kv_cache_tokens
         self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 2)
@@ -169,7 +171,7 @@ class LLM:
                           prefill_block=block)
         self.runner = ModelRunner(
             graphdef, state, self.mesh, num_pages=num_pages, page_size=page_size,
-            kv_dtype=self.dtype, max_model_len=self.max_model_len, buckets=buckets,
+            kv_dtype=self.kv_dtype, max_model_len=self.max_model_len, buckets=buckets,
             matmul_precision="highest" if self.dtype == jnp.float32 else None)
         del state
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None

@@ -1,7 +1,8 @@
 """The paged KV cache: page pools of every layer, where a step's tokens are written, and attention over them.
 
 Pools are [layers, pages, page_size, kv_heads, head_dim] for K and V (MLA: the latent and the rotary key in
-`k`, no `v`). A step's tokens are flat: the first `num_decode` are decode tokens, one per sequence; the rest are
+`k`, no `v`), in the model's dtype or FP8 e4m3 (`kv_cache_dtype="fp8"`: unit scale, saturating; attention
+upcasts what it reads). A step's tokens are flat: the first `num_decode` are decode tokens, one per sequence; the rest are
 prefill chunks cut into blocks of `prefill_block` tokens, each block holding tokens of one sequence only. Every
 token has a slot (page, offset) its key is written to (page = num_pages drops the write: padding). Each decode
 token and each prefill block has its sequence's page table row. Page 0 is never handed out, so padded page
@@ -62,6 +63,16 @@ def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
     return config.num_layers * per_layer * jnp.dtype(dtype).itemsize
 
 
+def to_cache_dtype(x, dtype):
+    """x in the pools' dtype; into FP8 saturating at its largest finite value (a plain cast of an out-of-range
+    value gives NaN in e4m3fn, which has no infinity)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -top, top)
+    return x.astype(dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedBatch:
@@ -91,8 +102,8 @@ class LayerKV:
 
     def write(self, k_TKD, v_TKD=None) -> "LayerKV":
         dtype = self.pool.k.dtype
-        return dataclasses.replace(self, k_TKD=k_TKD.astype(dtype),
-                                   v_TKD=None if v_TKD is None else v_TKD.astype(dtype))
+        return dataclasses.replace(self, k_TKD=to_cache_dtype(k_TKD, dtype),
+                                   v_TKD=None if v_TKD is None else to_cache_dtype(v_TKD, dtype))
 
     def attend(self, q_THD, positions_T, *, scale, window, sinks_H=None, value_dim=None):
         """[T, heads, dim] queries -> [T, heads, value dim], decode tokens and prefill blocks alike."""
@@ -128,8 +139,8 @@ class LayerKV:
 def commit(pool: KVPool, batch: PagedBatch, layers_L, k_LTKD, v_LTKD=None) -> KVPool:
     """Write the step's keys and values of layers `layers_L` into their slots (padding slots drop)."""
     idx = (layers_L[:, None], batch.slot_page_T[None, :], batch.slot_offset_T[None, :])
-    k = pool.k.at[idx].set(k_LTKD.astype(pool.k.dtype), mode="drop")
+    k = pool.k.at[idx].set(to_cache_dtype(k_LTKD, pool.k.dtype), mode="drop")
     v = pool.v
     if v is not None:
-        v = v.at[idx].set(v_LTKD.astype(v.dtype), mode="drop")
+        v = v.at[idx].set(to_cache_dtype(v_LTKD, v.dtype), mode="drop")
     return KVPool(k, v)

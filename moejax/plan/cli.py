@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=1, help="data parallel size")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | fp8 (block-scaled)")
     p.add_argument("--quantization", default=None, help="int8 | int4 (weight-only)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="auto: the model's dtype; fp8: e4m3 pages, twice the tokens")
     p.add_argument("--offload-experts", action="store_true", help="keep routed experts in host memory")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per device (default 80)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -41,7 +43,8 @@ def run(args) -> int:
                        quantization=args.quantization, offload_experts=args.offload_experts,
                        device_memory_bytes=int(args.gpu_memory * GIB),
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       max_num_seqs=args.max_num_seqs, model=os.path.basename(os.path.normpath(args.model)))
+                       max_num_seqs=args.max_num_seqs, model=os.path.basename(os.path.normpath(args.model)),
+                       kv_cache_dtype=args.kv_cache_dtype)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:

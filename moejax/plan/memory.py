@@ -81,9 +81,13 @@ def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None,
     return total
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: str, mesh: Mesh = Mesh()) -> int:
-    """Cache bytes one token takes on one device, summed over layers."""
-    elem = DTYPE_BYTES["bfloat16" if dtype == "fp8" else dtype]
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: str, mesh: Mesh = Mesh(), kv_cache_dtype: str = "auto") -> int:
+    """Cache bytes one token takes on one device, summed over layers. kv_cache_dtype "auto" keeps the model's
+    dtype (bf16 for fp8 weights); "fp8" stores e4m3 pages, one byte a value."""
+    elem = 1 if kv_cache_dtype == "fp8" else DTYPE_BYTES["bfloat16" if dtype == "fp8" else dtype]
     if config.is_mla:  # the compressed latent and the shared rope key, replicated over tensor ranks
         return config.num_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
     heads = config.num_kv_heads
@@ -132,6 +136,7 @@ class MemoryPlan:
     max_concurrency: float
     fits: bool
     suggestion: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -153,11 +158,14 @@ def plan_memory(
     max_num_seqs: int = 256,
     model: str = "",
     suggest: bool = True,
+    kv_cache_dtype: str = "auto",
 ) -> MemoryPlan:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
     if dtype == "fp8" and quantization:
         raise ValueError("dtype fp8 and quantization are exclusive")
     if not 0 < gpu_memory_utilization <= 1:
@@ -173,7 +181,7 @@ def plan_memory(
             continue
         by_kind[t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh)
     weights = sum(by_kind.values())
-    kv_token = kv_bytes_per_token(config, dtype, mesh)
+    kv_token = kv_bytes_per_token(config, dtype, mesh, kv_cache_dtype)
     budget = int(device_memory_bytes * gpu_memory_utilization)
     workspace = workspace_bytes(config, mesh, max_model_len, max_num_seqs)
     kv_bytes = max(budget - weights - workspace, 0)
@@ -185,7 +193,7 @@ def plan_memory(
         host_weight_bytes=host, kv_bytes_per_token=kv_token, device_memory_bytes=device_memory_bytes,
         gpu_memory_utilization=gpu_memory_utilization, workspace_bytes=workspace, kv_cache_bytes=kv_bytes,
         kv_cache_tokens=int(kv_tokens), max_model_len=max_model_len,
-        max_concurrency=kv_tokens / max_model_len, fits=fits)
+        max_concurrency=kv_tokens / max_model_len, fits=fits, kv_cache_dtype=kv_cache_dtype)
     if not fits and suggest:
         plan = dataclasses.replace(plan, suggestion=smallest_fix(plan, config, max_num_seqs))
     return plan
@@ -203,12 +211,15 @@ def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> st
     """The first change, in order of how little it changes, that makes the plan fit."""
     kw = dict(dtype=plan.dtype, quantization=plan.quantization, offload_experts=plan.offload_experts,
               device_memory_bytes=plan.device_memory_bytes, gpu_memory_utilization=plan.gpu_memory_utilization,
-              max_model_len=plan.max_model_len, max_num_seqs=max_num_seqs, suggest=False)
+              max_model_len=plan.max_model_len, max_num_seqs=max_num_seqs, suggest=False,
+              kv_cache_dtype=plan.kv_cache_dtype)
     m = plan.mesh
     candidates = []
     for length in (plan.max_model_len // 2, plan.max_model_len // 4, 8192, 4096):
         if 0 < length < plan.max_model_len:
             candidates.append((f"--max-model-len {length}", dict(kw, max_model_len=length), m))
+    if plan.kv_cache_dtype == "auto":
+        candidates.append(("--kv-cache-dtype fp8", dict(kw, kv_cache_dtype="fp8"), m))
     if plan.dtype != "fp8":
         for q in ("int8", "int4"):
             if (QUANTIZATIONS.index(q) > QUANTIZATIONS.index(plan.quantization)):

@@ -8,6 +8,7 @@ import pytest
 
 from moejax import kernels
 from moejax.kernels import attention_reference
+from moejax.layers.kv_cache import to_cache_dtype
 
 
 def dense(q, k, v, q_pos, scale, window, sinks):
@@ -105,7 +106,7 @@ def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages, stat
 
 
 def decode_case(rng, *, heads, kv_heads, head_dim, value_dim=None, page_size, max_pages, contexts, layers=2,
-                dtype=np.float32, sinks=False):
+                dtype=np.float32, sinks=False, pool_dtype=None):
     """Random decode arguments: shuffled, non-contiguous pages of a pool full of noise; contexts are the cached
     lengths (0: a first token, max_pages * page_size - 1: a full table, -1: a padding row)."""
     n = len(contexts)
@@ -117,15 +118,16 @@ def decode_case(rng, *, heads, kv_heads, head_dim, value_dim=None, page_size, ma
         used = -(-max(c + 1, 0) // page_size)
         table[i, :used] = order[i * max_pages: i * max_pages + used]
 
-    def arr(*shape):
-        return jnp.asarray(rng.standard_normal(shape), dtype)
+    def arr(*shape, cache=False):  # cache: in the pools' dtype (as LayerKV.write leaves this step's keys too)
+        x = jnp.asarray(rng.standard_normal(shape), dtype)
+        return to_cache_dtype(x, pool_dtype) if cache and pool_dtype is not None else x
 
     return dict(
         q_NHD=arr(n, heads, head_dim), pos_N=jnp.asarray(contexts, jnp.int32), page_table_NP=jnp.asarray(table),
-        k_pool=arr(layers, num_pages, page_size, kv_heads, head_dim),
-        v_pool=None if mla else arr(layers, num_pages, page_size, kv_heads, head_dim),
-        layer=jnp.int32(layers - 1), k_new_NKD=arr(n, kv_heads, head_dim),
-        v_new_NKD=None if mla else arr(n, kv_heads, head_dim),
+        k_pool=arr(layers, num_pages, page_size, kv_heads, head_dim, cache=True),
+        v_pool=None if mla else arr(layers, num_pages, page_size, kv_heads, head_dim, cache=True),
+        layer=jnp.int32(layers - 1), k_new_NKD=arr(n, kv_heads, head_dim, cache=True),
+        v_new_NKD=None if mla else arr(n, kv_heads, head_dim, cache=True),
         sinks_H=arr(heads) if sinks else None, value_dim=value_dim)
 
 
@@ -138,7 +140,7 @@ def decode_reference(case, scale, window):
         max_back=0)[:, 0]
 
 
-@pytest.mark.parametrize("variant", ["gqa", "window_sinks", "mla", "splits", "bf16"])
+@pytest.mark.parametrize("variant", ["gqa", "window_sinks", "mla", "splits", "bf16", "fp8", "fp8_mla"])
 def test_pallas_decode_matches_reference(variant):
     """The flash-decoding kernel (interpreted here; compiled in tests/test_gpu.py) equals the pure-JAX version."""
     from moejax.kernels.pallas_paged_attention import DecodeTiles, paged_decode
@@ -154,9 +156,13 @@ def test_pallas_decode_matches_reference(variant):
     if variant == "splits":  # several splits of a few pages each, a block of two pages
         tiles = DecodeTiles(block_tokens=8, splits=3)
         window = int(rng.integers(5, 30))
+    if variant == "fp8_mla":
+        shape.update(kv_heads=1, head_dim=48, value_dim=32)
     dtype = np.float32
     if variant == "bf16":
         dtype = jnp.bfloat16
+    if variant.startswith("fp8"):  # e4m3 pages read by float32 queries: the same upcast values either way
+        shape.update(pool_dtype=jnp.float8_e4m3fn)
     max_len = shape["max_pages"] * shape["page_size"] - 1
     contexts = [0, int(rng.integers(1, 8)), int(rng.integers(8, max_len)), max_len, -1]
     case = decode_case(rng, contexts=contexts, dtype=dtype, **shape)
