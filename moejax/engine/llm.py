@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -75,7 +76,7 @@ class LLM:
             raise ValueError(f"model: {model!r} is not a directory")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-        for name, value, default in (("offload_experts", offload_experts, False), ("moe_top_k", moe_top_k, None),
+        for name, value, default in (("offload_experts", offload_experts, False),
                                      ("pipeline_parallel_size", pipeline_parallel_size, 1),
                                      ("enable_expert_parallel", enable_expert_parallel, False),
                                      ("enable_dp_attention", enable_dp_attention, False)):
@@ -84,7 +85,7 @@ class LLM:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.model_path = model
-        self.config = ModelConfig.from_file(model)
+        self.config = with_top_k(ModelConfig.from_file(model), moe_top_k)
         c = self.config
         from moejax.checkpoints import orbax_store
 
@@ -264,6 +265,30 @@ class LLM:
         logits = self.runner.forward_logits(tokens, positions)
         return np.asarray(logits[:n], np.float32)
 
+    def register_moe_routing_func(self, fn) -> None:
+        """fn(router_logits [tokens, experts] float, layer int32 scalar) -> logits of the same shape, applied to
+        every MoE layer's router logits before top-k inside the jitted step (and `logits`); None removes it.
+        It is traced once here on a dummy input, so a failing or misshapen function is refused now, not in the
+        middle of a generation. Each step shape compiles once more with it (all at once if warmed up)."""
+        if fn is not None:
+            if not callable(fn):
+                raise TypeError(f"register_moe_routing_func: fn must be callable or None, got {type(fn).__name__}")
+            e = self.config.num_experts
+            dummy = jax.ShapeDtypeStruct((8, e), self.dtype)
+            try:
+                out = jax.eval_shape(fn, dummy, jax.ShapeDtypeStruct((), jnp.int32))
+            except Exception as err:
+                raise ValueError(f"register_moe_routing_func: fn failed on router logits [8, {e}] and a layer "
+                                 f"index: {type(err).__name__}: {err}") from err
+            if not hasattr(out, "shape") or tuple(out.shape) != (8, e) or \
+                    not jnp.issubdtype(out.dtype, jnp.floating):
+                got = f"{getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}".strip()
+                raise ValueError(f"register_moe_routing_func: fn must return float logits of the input's shape "
+                                 f"[tokens, {e}]; for [8, {e}] it returned {got}")
+        self.runner.routing_fn = fn
+        if self.runner.warmed_up:
+            self.warmup()
+
     # -- internals -----------------------------------------------------------------------------------------
     def _quantizer(self):
         if self.quantization is None:
@@ -357,3 +382,20 @@ def _generation_eos(directory: str) -> set[int]:
     if not os.path.isfile(path):
         return set()
     return set(token_ids(path, read_json_object(path), "eos_token_id"))
+
+
+def with_top_k(config: ModelConfig, moe_top_k) -> ModelConfig:
+    """The model with `moe_top_k` experts per token instead of its own (None: its own), checked against its
+    experts and, for grouped routing, the experts its chosen groups hold."""
+    if moe_top_k is None:
+        return config
+    if not isinstance(moe_top_k, int) or isinstance(moe_top_k, bool) or moe_top_k < 1:
+        raise ValueError(f"moe_top_k must be a positive integer, got {moe_top_k!r}")
+    if moe_top_k > config.num_experts:
+        raise ValueError(f"moe_top_k={moe_top_k} exceeds the model's {config.num_experts} experts")
+    if config.n_group > 1:
+        reachable = config.topk_group * (config.num_experts // config.n_group)
+        if moe_top_k > reachable:
+            raise ValueError(f"moe_top_k={moe_top_k} exceeds the {reachable} experts in the model's "
+                             f"topk_group={config.topk_group} of n_group={config.n_group} groups")
+    return dataclasses.replace(config, num_experts_per_tok=moe_top_k)

@@ -22,6 +22,7 @@ from flax import nnx
 from moejax.engine.sampling import MAX_LOGPROBS, SamplingBatch, sample
 from moejax.engine.scheduler import ScheduledStep
 from moejax.layers.kv_cache import POOL_AXES, KVPool, PagedBatch, init_pool, pool_shape
+from moejax.layers.moe import routing_func
 from moejax.models.stacked import StackedModel
 from moejax.sharding.mesh import sharding_for_axes
 
@@ -150,6 +151,9 @@ class ModelRunner:
         # Count each MoE layer's routed tokens per expert inside the step (the server's expert metrics); a
         # static argument of the step, so turning it on compiles its own variants (warm up again after).
         self.count_experts = False
+        # A user's function on every MoE layer's router logits before top-k (`LLM.register_moe_routing_func`):
+        # a static argument too, so registering one compiles each step shape once more.
+        self.routing_fn = None
         model = self.model
         max_rows = buckets.max_sample_rows
 
@@ -157,15 +161,17 @@ class ModelRunner:
         # compiled variant.
         out_shardings = (self._replicated, self._replicated, jax.tree.map(lambda a: a.sharding, self.pool))
 
-        @functools.partial(jax.jit, donate_argnames=("pool",), static_argnames=("shape", "count_experts"),
-                           out_shardings=out_shardings)
-        def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape, count_experts: bool = False):
+        @functools.partial(jax.jit, donate_argnames=("pool",),
+                           static_argnames=("shape", "count_experts", "routing_fn"), out_shardings=out_shardings)
+        def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape, count_experts: bool = False,
+                 routing_fn=None):
             f = self._unpack(packed, shape)
             tokens_T = jnp.where(f["prev_src"] >= 0, prev_sampled[jnp.maximum(f["prev_src"], 0)], f["tokens"])
             batch = PagedBatch(f["slot_page"], f["slot_offset"], f["decode_pages"], f["prefill_pages"],
                                f["prefill_first"], shape.num_decode, self.prefill_block)
-            hidden_TD, pool, top, counts = model.forward(params, tokens_T, f["positions"], pool, batch,
-                                                         count_experts=count_experts)
+            with routing_func(routing_fn):
+                hidden_TD, pool, top, counts = model.forward(params, tokens_T, f["positions"], pool, batch,
+                                                             count_experts=count_experts)
             with jax.named_scope("lm_head"):
                 logits_SV = top.logits(hidden_TD[f["sample_index"]])
             with jax.named_scope("sampling"):
@@ -175,9 +181,10 @@ class ModelRunner:
             sampled = jnp.zeros(max_rows, jnp.int32).at[: tokens_S.shape[0]].set(tokens_S)
             return _replicate((tokens_S, logprobs_S, top_lp, counts)), _replicate(sampled), pool
 
-        @jax.jit
-        def forward_logits(params, tokens_T, positions_T):
-            hidden_TD, _, top, _ = model.forward(params, tokens_T, positions_T)
+        @functools.partial(jax.jit, static_argnames=("routing_fn",))
+        def forward_logits(params, tokens_T, positions_T, routing_fn=None):
+            with routing_func(routing_fn):
+                hidden_TD, _, top, _ = model.forward(params, tokens_T, positions_T)
             return _replicate(top.logits(hidden_TD))
 
         self.step_fn = step
@@ -288,7 +295,7 @@ class ModelRunner:
         before = self.compilations() if self.warmed_up else None
         with self._context():
             (tokens, logprobs, top, counts), self._prev, self.pool = self.step_fn(
-                self.params, self.pool, packed, self._prev, shape, self.count_experts)
+                self.params, self.pool, packed, self._prev, shape, self.count_experts, self.routing_fn)
         if before is not None and self.compilations() != before:
             self.unexpected_compilations += 1
             logger.warning("step shape %s compiled after warm-up", shape)
@@ -319,7 +326,7 @@ class ModelRunner:
 
     def forward_logits(self, tokens_T, positions_T):
         with self._context():
-            return self.forward_logits_fn(self.params, tokens_T, positions_T)
+            return self.forward_logits_fn(self.params, tokens_T, positions_T, routing_fn=self.routing_fn)
 
 
 def allocate_pool(config, mesh, num_pages: int, page_size: int, kv_dtype) -> KVPool:

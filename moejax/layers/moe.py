@@ -6,6 +6,9 @@ Routing and the expert computation go through `moejax.kernels.route` / `experts`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +18,21 @@ from moejax.config import ModelConfig
 from moejax.layers.linear import Linear, param
 from moejax.layers.mlp import MLP
 from moejax.sharding.expert_parallel import moe_experts
+
+
+# A user's function fn(router_logits [T, E], layer) -> logits [T, E], applied before top-k while a step traces
+# (`LLM.register_moe_routing_func`); the runner sets it around the model's forward.
+_routing_func: contextvars.ContextVar = contextvars.ContextVar("moe_routing_func", default=None)
+
+
+@contextlib.contextmanager
+def routing_func(fn):
+    """Apply fn to every MoE layer's router logits (before top-k) in the forwards traced inside this block."""
+    token = _routing_func.set(fn)
+    try:
+        yield
+    finally:
+        _routing_func.reset(token)
 
 
 def routing_config(config: ModelConfig) -> kernels.RoutingConfig:
@@ -59,12 +77,16 @@ class MoEBlock(nnx.Module):
             value(self.b_gate), value(self.b_up), value(self.b_down),
         )
 
-    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Returns (output [B, T, D], router logits [B*T, E], chosen expert ids [B*T, k])."""
+    def __call__(self, x_BTD: jax.Array, layer=0) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (output [B, T, D], router logits [B*T, E], chosen expert ids [B*T, k]). layer: this layer's
+        index (traced under the engine's scan), for a registered routing function."""
         b, t, d = x_BTD.shape
         x_TD = x_BTD.reshape(b * t, d)
         with jax.named_scope("router"):
             logits_TE = self.router(x_TD)
+            fn = _routing_func.get()
+            if fn is not None:
+                logits_TE = fn(logits_TE, jnp.asarray(layer, jnp.int32)).astype(logits_TE.dtype)
             bias = self.correction_bias[...] if self.correction_bias is not None else None
             weights_TK, ids_TK = kernels.route(logits_TE, routing_config(self.config), bias)
         with jax.named_scope("experts"):

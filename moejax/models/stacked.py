@@ -113,7 +113,7 @@ class StackedModel:
                                        is_leaf=lambda w: isinstance(w, QuantizedWeight))
                 layer = nnx.merge(run.graphdef, layer_params, stacked)
                 kv = None if pool is None else LayerKV(pool, batch, i)
-                x, kv, routing = layer(x, positions_BT, kv, window)
+                x, kv, routing = layer(x, positions_BT, kv, window, i)
                 ys = {"kv": None if kv is None else (kv.k_TKD, kv.v_TKD)}
                 if count_experts and routing is not None:
                     valid_T = (positions_BT[0] >= 0).astype(jnp.int32)

@@ -37,15 +37,16 @@ class DecoderLayer(nnx.Module):
         else:
             self.moe, self.mlp = None, MLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, kv: LayerKV | None = None, window=None):
-        """window: this layer's sliding window (config.window(layer)); a traced int when layers are scanned."""
+    def __call__(self, x_BTD, positions_BT, kv: LayerKV | None = None, window=None, layer=0):
+        """window: this layer's sliding window (config.window(layer)); layer: its index. Both are traced ints
+        when layers are scanned."""
         # The scopes name the profile's parts (the benchmark's "where the time goes").
         with jax.named_scope("attention"):
             attn_out, kv = self.attn(self.input_norm(x_BTD), positions_BT, kv, window)
             x_BTD = x_BTD + attn_out
         h = self.post_attn_norm(x_BTD)
         if self.moe is not None:
-            mlp_out, router_logits, expert_ids = self.moe(h)
+            mlp_out, router_logits, expert_ids = self.moe(h, layer)
             routing = Routing(router_logits, expert_ids)
         else:
             with jax.named_scope("dense_mlp"):
@@ -73,7 +74,7 @@ class MoETransformer(nnx.Module):
         router_logits = []
         for i, layer in enumerate(self.layers):
             kv = None if pool is None else LayerKV(pool, batch, i)
-            x, kv, routing = layer(x, positions_BT, kv, self.config.window(i))
+            x, kv, routing = layer(x, positions_BT, kv, self.config.window(i), i)
             if kv is not None:
                 pool = kv.commit()
             if routing is not None:
