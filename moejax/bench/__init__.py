@@ -12,8 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from moejax.bench import generate, serve
 
     p.add_argument("what", choices=["generate", "kernels", "serve", "attention"])
-    p.add_argument("config", nargs="?", help="config.json (or its directory) of the model shape (bench generate, "
-                   "bench serve: random weights), or a model directory (bench serve)")
+    p.add_argument("config", nargs="?", help="config.json (or its directory) of the model shape, or a known model "
+                   "name such as qwen3-30b-a3b (bench generate, bench serve: random weights), or a model "
+                   "directory (bench serve)")
     p.add_argument("--json", default=None, help="also write all numbers here")
     generate.add_arguments(p)
     serve.add_arguments(p)
@@ -25,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if args.config:  # a model name (moejax.known_models) stands for its bundled config.json
+        from moejax.known_models import resolve
+
+        args.config = resolve(args.config)
     if args.what == "kernels":
         from moejax.kernels import bench as kernel_bench
 

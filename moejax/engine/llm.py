@@ -41,7 +41,7 @@ def default_model_path() -> str:
 
 
 class LLM:
-    """A loaded MoE model and its serving engine. See CONTRACT.md for the arguments."""
+    """A loaded MoE model and its serving engine. docs/python-api.md describes every argument."""
 
     def __init__(
         self,
@@ -72,6 +72,18 @@ class LLM:
         initialize_from_env()
         enable_compilation_cache()
         model = default_model_path() if model is None else os.fspath(model)
+        if not os.path.exists(model):  # a known model name: its bundled config.json, weights random
+            from moejax.known_models import path_of
+
+            try:
+                known = path_of(model)
+            except ValueError as e:
+                raise ValueError(f"model: {e}") from None
+            if load_format != "dummy":
+                raise ValueError(f"model: {model!r} is a known model name whose config.json ships with moejax, but "
+                                 "its weights do not: pass load_format='dummy' for random weights, or the "
+                                 "checkpoint's directory")
+            model = known
         if not os.path.isdir(model):
             raise ValueError(f"model: {model!r} is not a directory")
         if load_format not in LOAD_FORMATS:

@@ -12,7 +12,8 @@ from moejax.plan.memory import GIB, KINDS, Mesh, MemoryPlan, plan_memory
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL_OR_CONFIG", help="model directory or a config.json file")
+    p.add_argument("model", metavar="MODEL_OR_CONFIG",
+                   help="model directory, a config.json file, or a known model name (e.g. Qwen/Qwen3-235B-A22B)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--dp", type=int, default=1, help="data parallel size")
@@ -36,14 +37,18 @@ def run(args) -> int:
         raise ValueError(f"--gpu-memory must be positive, got {args.gpu_memory}")
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ValueError(f"--max-model-len must be positive, got {args.max_model_len}")
-    if not os.path.exists(args.model):
-        raise ValueError(f"MODEL_OR_CONFIG: {args.model} does not exist")
-    config = ModelConfig.from_file(args.model)
+    from moejax.known_models import resolve
+
+    try:
+        path = resolve(args.model)
+    except ValueError as e:
+        raise ValueError(f"MODEL_OR_CONFIG: {e}") from None
+    config = ModelConfig.from_file(path)
     plan = plan_memory(config, mesh=Mesh(args.tp, args.ep, args.dp), dtype=args.dtype,
                        quantization=args.quantization, offload_experts=args.offload_experts,
                        device_memory_bytes=int(args.gpu_memory * GIB),
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       max_num_seqs=args.max_num_seqs, model=os.path.basename(os.path.normpath(args.model)),
+                       max_num_seqs=args.max_num_seqs, model=args.model if path != args.model else os.path.basename(os.path.normpath(path)),
                        kv_cache_dtype=args.kv_cache_dtype)
     if args.json:
         print(json.dumps(plan.to_json()))

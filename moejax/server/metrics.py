@@ -1,4 +1,4 @@
-"""The server's Prometheus metrics (CONTRACT.md's names), in a registry of their own."""
+"""The server's Prometheus metrics (the names docs/http.md lists), in a registry of their own."""
 
 from __future__ import annotations
 

@@ -51,15 +51,9 @@ def test_fp8_cast_saturates():
 
 
 def test_fp8_doubles_planned_tokens():
-    from tests.kernels.test_paged_attention import __file__ as _  # noqa: F401  (tests package importable)
-    import glob
-    import os
+    from moejax.known_models import path_of
 
-    path = glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "model_configs",
-                                  "Qwen__Qwen3-30B-A3B.json"))
-    config = ModelConfig.from_file(path[0]) if path else None
-    if config is None:
-        pytest.skip("shared/model_configs not present")
+    config = ModelConfig.from_file(path_of("Qwen/Qwen3-30B-A3B"))
     auto = plan_memory(config, device_memory_bytes=141 * 2**30, max_model_len=32768)
     fp8 = plan_memory(config, device_memory_bytes=141 * 2**30, max_model_len=32768, kv_cache_dtype="fp8")
     assert fp8.kv_bytes_per_token * 2 == auto.kv_bytes_per_token

@@ -54,7 +54,7 @@ def test_engine_decodes_the_same_through_kernels(hf_model_dir, tmp_path, family)
         path = hf_model_dir(family)
     rng = np.random.default_rng()
     prompts = [rng.integers(3, 90, int(n)).tolist() for n in (1, 9, 23)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
     def run():
         llm = LLM(path, dtype="float32", max_model_len=64)

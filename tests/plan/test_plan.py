@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax import LLM
+from moejax import LLM, known_models
 from moejax.checkpoints.hf import flat_params
 from moejax.config import ModelConfig
 from moejax.models import build_abstract
@@ -19,22 +19,25 @@ from moejax.plan.params import count_params, inventory
 from moejax.sharding.mesh import sharding_for_axes
 from tests.hf_models import FAMILIES
 
-CONFIGS = Path(__file__).resolve().parents[2] / ".." / "shared" / "model_configs"
+CONFIGS = Path(known_models.CONFIG_DIR)  # the real config.json files bundled with moejax
 
-# (file, published total, published active, whether the published active count includes the embedding table)
+# (model, published total, published active, whether the published active count includes the embedding table)
 PUBLISHED = [
-    ("Qwen__Qwen3-30B-A3B.json", 30.5e9, 3.3e9, True),
-    ("Qwen__Qwen3-235B-A22B.reconstructed.json", 235e9, 22e9, True),
-    ("deepseek-ai__DeepSeek-V3.reconstructed.json", 671e9, 37e9, True),
-    ("mistralai__Mixtral-8x7B-v0.1.json", 46.7e9, 12.9e9, True),
-    ("openai__gpt-oss-20b.json", 21e9, 3.6e9, False),
+    ("qwen3-30b-a3b", 30.5e9, 3.3e9, True),
+    ("qwen3-235b-a22b", 235e9, 22e9, True),
+    ("deepseek-v3", 671e9, 37e9, True),
+    ("deepseek-r1", 671e9, 37e9, True),
+    ("mixtral-8x7b-v0.1", 46.7e9, 12.9e9, True),
+    ("mixtral-8x22b-v0.1", 141e9, 39e9, True),
+    ("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9, True),
+    ("olmoe-1b-7b-0924", 6.9e9, 1.3e9, True),
+    ("gpt-oss-20b", 21e9, 3.6e9, False),
+    ("gpt-oss-120b", 117e9, 5.1e9, False),
 ]
 
 
 @pytest.mark.parametrize("name, total, active, with_embeddings", PUBLISHED)
 def test_counts_match_published_sizes(name, total, active, with_embeddings):
-    if not (CONFIGS / name).is_file():
-        pytest.skip(f"{CONFIGS / name} not present (shared/ is beside the repository in CI)")
     counts = count_params(ModelConfig.from_file(CONFIGS / name))
     assert abs(counts.total - total) / total < 0.01
     ours = counts.active if with_embeddings else counts.active_without_embeddings
@@ -43,10 +46,7 @@ def test_counts_match_published_sizes(name, total, active, with_embeddings):
 
 
 def test_seed_figure_qwen3_235b_tp8():
-    name = CONFIGS / "Qwen__Qwen3-235B-A22B.reconstructed.json"
-    if not name.is_file():
-        pytest.skip("shared/model_configs not present")
-    plan = plan_memory(ModelConfig.from_file(name), mesh=Mesh(tp=8), max_model_len=4096)
+    plan = plan_memory(ModelConfig.from_file(CONFIGS / "qwen3-235b-a22b"), mesh=Mesh(tp=8), max_model_len=4096)
     assert 58e9 < plan.weight_bytes_per_device < 60e9 and plan.fits
 
 
@@ -88,10 +88,7 @@ def test_predicted_quantized_bytes_equal_engine_allocation(hf_model_dir, quantiz
 
 def test_plan_json_and_verdict(tmp_path):
     config = tmp_path / "config.json"
-    name = CONFIGS / "Qwen__Qwen3-30B-A3B.json"
-    if not name.is_file():
-        pytest.skip("shared/model_configs not present")
-    config.write_text(name.read_text())
+    config.write_text((CONFIGS / "qwen3-30b-a3b" / "config.json").read_text())
     run = lambda *a: subprocess.run([sys.executable, "-m", "moejax.cli", "plan", str(config), *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=120)
     out = json.loads(run("--json").stdout)

@@ -9,9 +9,10 @@ from moejax.engine.llm import default_model_path
 
 def test_bench_serve_prints_levels_and_offline(tmp_path, capsys):
     out = tmp_path / "serve.json"
+    # few step shapes to warm up: a small batch and step budget
     rc = cli(["bench", "serve", default_model_path(), "--concurrency", "1", "4", "--serve-requests", "8",
-              "--prompt-lens", "4", "16", "--output-lens", "2", "6", "--max-num-seqs", "8", "--max-model-len",
-              "128", "--json", str(out)])
+              "--prompt-lens", "4", "16", "--output-lens", "2", "6", "--max-num-seqs", "4",
+              "--max-num-batched-tokens", "32", "--max-model-len", "128", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert [lv["concurrency"] for lv in data["levels"]] == [1, 4]
