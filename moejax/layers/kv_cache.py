@@ -2,7 +2,8 @@
 
 Pools are [layers, pages, page_size, kv_heads, head_dim] for K and V (MLA: the latent and the rotary key in
 `k`, no `v`), in the model's dtype or FP8 e4m3 (`kv_cache_dtype="fp8"`: unit scale, saturating; attention
-upcasts what it reads). A step's tokens are flat: the first `num_decode` are decode tokens, one per sequence; the rest are
+upcasts what it reads). A step's tokens are flat: the first `num_decode` are decode tokens, one per sequence;
+the rest are
 prefill chunks cut into blocks of `prefill_block` tokens, each block holding tokens of one sequence only. Every
 token has a slot (page, offset) its key is written to (page = num_pages drops the write: padding). Each decode
 token and each prefill block has its sequence's page table row. Page 0 is never handed out, so padded page
@@ -139,8 +140,9 @@ class LayerKV:
 def commit(pool: KVPool, batch: PagedBatch, layers_L, k_LTKD, v_LTKD=None) -> KVPool:
     """Write the step's keys and values of layers `layers_L` into their slots (padding slots drop)."""
     idx = (layers_L[:, None], batch.slot_page_T[None, :], batch.slot_offset_T[None, :])
-    k = pool.k.at[idx].set(to_cache_dtype(k_LTKD, pool.k.dtype), mode="drop")
+    # The keys come from LayerKV.write, already in the pools' dtype (saturated there for FP8).
+    k = pool.k.at[idx].set(k_LTKD.astype(pool.k.dtype), mode="drop")
     v = pool.v
     if v is not None:
-        v = v.at[idx].set(to_cache_dtype(v_LTKD, v.dtype), mode="drop")
+        v = v.at[idx].set(v_LTKD.astype(v.dtype), mode="drop")
     return KVPool(k, v)

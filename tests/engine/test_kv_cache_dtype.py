@@ -57,7 +57,7 @@ def test_fp8_doubles_planned_tokens():
     auto = plan_memory(config, device_memory_bytes=141 * 2**30, max_model_len=32768)
     fp8 = plan_memory(config, device_memory_bytes=141 * 2**30, max_model_len=32768, kv_cache_dtype="fp8")
     assert fp8.kv_bytes_per_token * 2 == auto.kv_bytes_per_token
-    assert fp8.kv_cache_tokens == 2 * auto.kv_cache_tokens or abs(fp8.kv_cache_tokens - 2 * auto.kv_cache_tokens) <= 1
+    assert abs(fp8.kv_cache_tokens - 2 * auto.kv_cache_tokens) <= 1
     assert fp8.kv_cache_dtype == "fp8" and "fp8" in str(fp8.to_json())
 
 
