@@ -1,6 +1,8 @@
-"""Decode-attention benchmark (GPU): moejax's paged kernel against its peers and the roofline, in one run.
+"""Attention benchmark (GPU): moejax's paged kernels against their peers and the rooflines, in one run.
 
-    python -m moejax bench attention [--quick] [--json FILE]
+    python -m moejax bench attention [--quick] [--part decode|prefill|all] [--json FILE]
+
+Prefill chunks come first (kernels/prefill_bench.py: against the bf16 matmul rate); then decode.
 
 For the attention shapes of Qwen3-30B-A3B (GQA 32/4 x 128), Mixtral (32/8 x 128), GPT-OSS's sliding layers
 (64/8 x 64, window 128, sinks) and DeepSeek-V3's MLA (128 heads over one 576-wide latent, 512 values), at
@@ -235,8 +237,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="four cases per model")
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--part", choices=["decode", "prefill", "all"], default="all")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    result = {}
+    if args.part in ("prefill", "all"):
+        from moejax.bench.roofline import matmul_rate
+        from moejax.kernels.prefill_bench import CASES as PREFILL_CASES, run_prefill
+
+        rate = matmul_rate(8192 if not INTERPRET else 256)["matmul_flops_per_s"]
+        print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: bf16 matmul measured {rate / 1e12:.0f} "
+              "TFLOP/s (8192^3 jnp.dot)")
+        models = {k: MODELS[k] for k in args.models}
+        cases = PREFILL_CASES[:1] if args.quick else PREFILL_CASES
+        result.update(matmul_flops_per_s=rate, prefill_rows=run_prefill(models, rate, _median_us, _fmt, INTERPRET,
+                                                                          cases))
+    if args.part == "prefill":
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     copy_bw = hbm_bandwidth(4 << 30)["hbm_bytes_per_s"]
     read_bw = read_bandwidth(4 << 30)
     bw = max(copy_bw, read_bw)  # the roofline takes the faster: a decode only reads
@@ -288,7 +308,8 @@ def main(argv=None) -> int:
             del p
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(hbm_bytes_per_s=bw, copy_bytes_per_s=copy_bw, read_bytes_per_s=read_bw, rows=rows), f, indent=1)
+            json.dump(dict(result, hbm_bytes_per_s=bw, copy_bytes_per_s=copy_bw, read_bytes_per_s=read_bw,
+                           rows=rows), f, indent=1)
     return 0
 
 

@@ -1,7 +1,7 @@
 """`moejax bench`: `generate` (moejax against transformers end to end, beside rooflines measured in the same run;
 see generate.py), `serve` (streaming clients against `moejax serve`, beside offline generate; serve.py),
 `kernels` (moejax.kernels.bench: the grouped expert matmuls and routing) and `attention`
-(moejax.kernels.attention_bench: decode attention over KV pages)."""
+(moejax.kernels.attention_bench: decode and prefill-chunk attention over KV pages)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     kernels = p.add_argument_group("bench kernels")
     kernels.add_argument("--shapes", type=int, nargs="*", default=None, help="indices of the six shapes (default all)")
     kernels.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
-    kernels.add_argument("--attention-quick", action="store_true", help="bench attention: four cases per model")
+    kernels.add_argument("--attention-quick", action="store_true",
+                         help="bench attention: four decode cases and one prefill case per model")
+    kernels.add_argument("--attention-part", choices=["decode", "prefill", "all"], default="all",
+                         help="bench attention: decode, prefill chunks, or both")
     kernels.add_argument("--no-layer", action="store_true", help="skip the peers and whole-layer timings")
 
 
@@ -40,7 +43,8 @@ def run(args) -> int:
     if args.what == "attention":
         from moejax.kernels import attention_bench
 
-        argv = (["--quick"] if args.attention_quick else []) + (["--json", args.json] if args.json else [])
+        argv = (["--quick"] if args.attention_quick else []) + ["--part", args.attention_part] + \
+            (["--json", args.json] if args.json else [])
         return int(attention_bench.main(argv) or 0)
     if args.what == "serve":
         from moejax.bench import serve

@@ -30,18 +30,17 @@ def dense(q, k, v, q_pos, scale, window, sinks):
     return out
 
 
-@pytest.mark.parametrize("window, sinks, mla", [(None, False, False), (5, True, False), (None, False, True),
-                                               (7, False, False)])
-@pytest.mark.parametrize("qb, chunk_pages, static", [(1, 32, False), (8, 32, False), (1, 2, False), (8, 4, True),
-                                                     (1, 2, True)])
-def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages, static):
+def prefill_case(rng, *, qb, window, sinks, mla, kv_heads=2, heads=4, head_dim=16, value_dim=12, page_size=4,
+                 dtype=np.float32):
     """Chunks of several sequences (decodes, whole prompts, chunks after a cached prefix), each cut into blocks
-    of qb queries: cached keys come from the pool, the chunk's own keys from k_new."""
-    rng = np.random.default_rng()
-    layers, pages, ps, kvh, h, d = 2, 48, 4, (1 if mla else 2), 4, 16
-    dv = 12 if mla else d
+    of qb queries: cached keys live in shuffled pages of a pool full of noise, the chunk's own keys in k_new.
+    Returns (the paged_attention arguments, the float64 dense result, the query positions)."""
+    layers, pages, ps, d = 2, 48, page_size, head_dim
+    kvh, h = (1 if mla else kv_heads), heads
+    dv = value_dim if mla else d
     chunks = [(0, 1), (8, 1), (0, 13), (9, 7), (22, 1), (5, 20)]  # (cached positions, new tokens) per sequence
-    max_pages = 7
+    max_pages = -(-27 // ps) + 1
+    pages = max(pages, len(chunks) * max_pages + 1)
     order = rng.permutation(np.arange(1, pages))
     keys_all, vals_all, q_all = [], [], []
     k_pool = rng.standard_normal((layers, pages, ps, kvh, d)).astype(np.float32)
@@ -81,28 +80,69 @@ def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages, stat
     q = np.concatenate([np.stack(q), np.ones((1, qb, h, d), np.float32)])
     k_new = np.concatenate([np.stack(k_new), np.ones((1, qb, kvh, d), np.float32)])
     v_new = np.concatenate([np.stack(v_new), np.ones((1, qb, kvh, v_new[0].shape[-1]), np.float32)])
-    # The door (one chunk covers these contexts) and the reference walking several chunks.
-    # (static: every chunk and block walked with compile-time trip counts, masked)
-    fn = kernels.paged_attention if chunk_pages == 32 else functools.partial(
-        attention_reference.paged_attention, chunk_pages=chunk_pages, static_bounds=static)
-    out = fn(jnp.asarray(q), jnp.asarray(q_pos), jnp.asarray(tables), jnp.asarray(k_pool),
-             None if v_pool is None else jnp.asarray(v_pool), layer, jnp.asarray(k_new),
-             None if mla else jnp.asarray(v_new), jnp.asarray(first), scale=0.3,
-             window=attention_reference.NO_WINDOW if window is None and chunk_pages != 32 else window,
-             sinks_H=None if sinks_h is None else jnp.asarray(sinks_h), value_dim=dv if mla else None)
-    out = np.asarray(out, np.float64)
-    assert out.shape == (len(first), qb, h, dv)
-    ref = np.zeros_like(out)
+    ref = np.zeros((len(first), qb, h, dv))
     row = 0
     for i, (cached, new) in enumerate(chunks):
         for b in range(-(-new // qb)):
             pos = q_pos[row]
-            got = dense(q_all[i][np.maximum(pos, 0)].astype(np.float64), keys_all[i].astype(np.float64),
-                        vals_all[i].astype(np.float64), pos, 0.3, window or 1 << 30, sinks_h)
-            ref[row] = got
+            ref[row] = dense(q_all[i][np.maximum(pos, 0)].astype(np.float64), keys_all[i].astype(np.float64),
+                             vals_all[i].astype(np.float64), pos, 0.3, window or 1 << 30, sinks_h)
             row += 1
+    arr = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    args = dict(q_NQHD=arr(q), q_pos_NQ=jnp.asarray(q_pos), page_table_NP=jnp.asarray(tables), k_pool=arr(k_pool),
+                v_pool=None if v_pool is None else arr(v_pool), layer=layer, k_new_NQKD=arr(k_new),
+                v_new_NQKD=None if mla else arr(v_new), first_N=jnp.asarray(first), scale=0.3,
+                window=attention_reference.NO_WINDOW if window is None else window,
+                sinks_H=None if sinks_h is None else jnp.asarray(sinks_h), value_dim=dv if mla else None)
+    return args, ref, q_pos
+
+
+@pytest.mark.parametrize("window, sinks, mla", [(None, False, False), (5, True, False), (None, False, True),
+                                               (7, False, False)])
+@pytest.mark.parametrize("qb, chunk_pages, static", [(1, 32, False), (8, 32, False), (1, 2, False), (8, 4, True),
+                                                     (1, 2, True)])
+def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages, static):
+    """The door (one chunk covers these contexts) and the reference walking several chunks of pages (static:
+    every chunk and block walked with compile-time trip counts, masked) equal dense attention."""
+    args, ref, q_pos = prefill_case(np.random.default_rng(), qb=qb, window=window, sinks=sinks, mla=mla)
+    fn = kernels.paged_attention if chunk_pages == 32 else functools.partial(
+        attention_reference.paged_attention, chunk_pages=chunk_pages, static_bounds=static)
+    out = np.asarray(fn(**args), np.float64)
+    assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
     assert np.all(out[q_pos < 0] == 0)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "window_sinks", "mla", "mha", "fp8", "bf16", "tiles"])
+def test_pallas_prefill_matches_dense(variant):
+    """The prefill-chunk kernel (interpreted here; compiled in tests/test_gpu.py) on the same chunks: whole
+    prompts, chunks after a cached prefix, one-token chunks, a padding block, shuffled pages."""
+    from moejax.kernels.pallas_paged_prefill import PrefillTiles, paged_prefill
+
+    rng = np.random.default_rng()
+    shape = dict(qb=16, window=None, sinks=False, mla=False)
+    tiles = None
+    if variant == "window_sinks":
+        shape.update(window=int(rng.integers(3, 12)), sinks=True)
+    if variant == "mla":  # a latent of 48 (32 + 16 rope) values, the first 32 of which are the values
+        shape.update(mla=True, head_dim=48, value_dim=32, heads=8)
+    if variant == "mha":
+        shape.update(kv_heads=4)
+    if variant == "tiles":  # several row blocks per block, cache tiles of one page, own-key tiles of 16
+        shape.update(heads=8, page_size=8)
+        tiles = PrefillTiles(block_m=16, block_tokens=8)
+    if variant == "bf16":
+        shape.update(dtype=jnp.bfloat16)
+    args, ref, q_pos = prefill_case(rng, **shape)
+    if variant == "fp8":  # e4m3 pages and keys read by float32 queries: the reference reads the same values
+        for name in ("k_pool", "v_pool", "k_new_NQKD", "v_new_NQKD"):
+            args[name] = to_cache_dtype(args[name], jnp.float8_e4m3fn)
+        ref = np.asarray(attention_reference.paged_attention(**args), np.float64)
+    out = paged_prefill(**args, tiles=tiles, interpret=True)
+    assert out.shape == ref.shape and out.dtype == args["q_NQHD"].dtype
+    tol = 3e-2 if variant == "bf16" else 2e-5
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=tol, atol=tol)
+    assert np.all(np.asarray(out)[q_pos < 0] == 0)
 
 
 def decode_case(rng, *, heads, kv_heads, head_dim, value_dim=None, page_size, max_pages, contexts, layers=2,
@@ -198,3 +238,26 @@ def test_door_runs_the_decode_kernel_per_tensor_rank():
     finally:
         kernels.set_backend("auto")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_door_runs_the_prefill_kernel_per_tensor_rank():
+    """Prefill blocks through kernels.paged_attention on the Pallas backend, heads and pools split over a
+    tensor-parallel mesh: the prefill kernel runs per rank and equals dense attention."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    args, ref, _ = prefill_case(np.random.default_rng(), qb=16, window=None, sinks=True, mla=False, heads=8)
+    mesh = jax.make_mesh((2,), ("tensor",))
+    put = {"q_NQHD": P(None, None, "tensor"), "k_new_NQKD": P(None, None, "tensor"),
+           "v_new_NQKD": P(None, None, "tensor"), "k_pool": P(None, None, None, "tensor"),
+           "v_pool": P(None, None, None, "tensor"), "sinks_H": P("tensor")}
+    arrays = {k: jax.device_put(args[k], NamedSharding(mesh, put.get(k, P())))
+              for k in ("q_NQHD", "q_pos_NQ", "page_table_NP", "k_pool", "v_pool", "k_new_NQKD", "v_new_NQKD",
+                        "first_N", "sinks_H")}
+    kernels.set_backend("pallas")
+    try:
+        with jax.set_mesh(mesh):
+            out = jax.jit(lambda a: kernels.paged_attention(**a, layer=1, scale=0.3))(arrays)
+    finally:
+        kernels.set_backend("auto")
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2e-5, atol=2e-5)

@@ -1,5 +1,8 @@
 """Pallas kernels (interpret mode on the CPU) equal their pure-JAX references on fresh random inputs."""
 
+import collections
+from unittest import mock
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,7 +45,7 @@ def test_routing_ties_go_to_lower_ids():
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_engine_decodes_the_same_through_kernels(hf_model_dir, tmp_path, family):
-    """Greedy generation with decode attention in the Pallas kernel (GQA; GPT-OSS's sliding windows and sinks;
+    """Greedy generation with prefill and decode attention in the Pallas kernels (GQA; GPT-OSS's sliding windows and sinks;
     DeepSeek's MLA latent) and the experts in theirs, equal to the pure-JAX path token for token."""
     from tests.hf_models import make_deepseek, make_gpt_oss
 
@@ -50,8 +53,8 @@ def test_engine_decodes_the_same_through_kernels(hf_model_dir, tmp_path, family)
         path = make_gpt_oss(str(tmp_path))
     elif family == "deepseek_v3":  # a 32 + 16 latent, which the kernel tiles (pieces of 16 or more)
         path = make_deepseek(str(tmp_path), kv_lora_rank=32, qk_rope_head_dim=16)
-    else:
-        path = hf_model_dir(family)
+    else:  # heads of 32, which the attention kernels tile (the family's default 24 they leave to the reference)
+        path = hf_model_dir(family, head_dim=32)
     rng = np.random.default_rng()
     prompts = [rng.integers(3, 90, int(n)).tolist() for n in (1, 9, 23)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -62,11 +65,26 @@ def test_engine_decodes_the_same_through_kernels(hf_model_dir, tmp_path, family)
                                                              use_tqdm=False)]
 
     ref = run()
+    from moejax.kernels import pallas_paged_attention as decode, pallas_paged_prefill as prefill
+
+    traced = collections.Counter()
+
+    def counted(module, name):
+        fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            traced[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
     kernels.set_backend("pallas")
     try:
-        got = run()
+        with mock.patch.object(decode, "paged_decode", counted(decode, "paged_decode")), \
+                mock.patch.object(prefill, "paged_prefill", counted(prefill, "paged_prefill")):
+            got = run()
     finally:
         kernels.set_backend("auto")
+    assert traced["paged_decode"] and traced["paged_prefill"], traced  # both attention kernels ran
     assert got == ref
 
 
