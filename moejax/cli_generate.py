@@ -14,6 +14,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--dp", type=int, default=1, help="data parallel size")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split the routed experts whole over the --tp ranks (attention stays tensor-parallel)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 (e4m3 pages, twice the tokens)")
     p.add_argument("--moe-top-k", type=int, default=None, help="experts per token instead of the model's")
@@ -44,6 +46,7 @@ def load_llm(args):
 
     return LLM(args.model, dtype=args.dtype, quantization=args.quantization, tensor_parallel_size=args.tp,
                expert_parallel_size=args.ep, data_parallel_size=args.dp, max_model_len=args.max_model_len,
+               enable_expert_parallel=args.enable_expert_parallel,
                kv_cache_dtype=args.kv_cache_dtype, moe_top_k=args.moe_top_k, seed=args.seed)
 
 

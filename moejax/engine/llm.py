@@ -20,9 +20,10 @@ from moejax.engine.runner import Buckets, ModelRunner, bucket
 from moejax.engine.sampling import SamplingParams
 from moejax.engine.tokenizer import Tokenizer
 from moejax.models import build_abstract
-from moejax.plan.memory import KV_CACHE_DTYPES, Mesh, plan_memory, smallest_fix
+from moejax.plan.memory import KV_CACHE_DTYPES, Mesh, check_divisible, plan_memory, smallest_fix
 from moejax.sharding.distributed import initialize_from_env
 from moejax.sharding.mesh import make_mesh, sharding_for_axes
+from moejax.sharding.rules import EXPERT, TENSOR, experts_over
 
 logger = logging.getLogger("moejax")
 
@@ -90,7 +91,6 @@ class LLM:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
         for name, value, default in (("offload_experts", offload_experts, False),
                                      ("pipeline_parallel_size", pipeline_parallel_size, 1),
-                                     ("enable_expert_parallel", enable_expert_parallel, False),
                                      ("enable_dp_attention", enable_dp_attention, False)):
             if value != default:
                 raise ValueError(f"{name}={value!r} is not supported by this version of moejax yet")
@@ -141,8 +141,15 @@ class LLM:
         self.seed = seed
         self._request_counter = itertools.count()
 
+        if not isinstance(enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel must be True or False, got {enable_expert_parallel!r}")
+        plan_mesh = Mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size,
+                         expert_over_tp=enable_expert_parallel)
+        check_divisible(c, plan_mesh)
         self.mesh = make_mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size)
-        plan_mesh = Mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size)
+        # enable_expert_parallel: the routed experts go whole over the tensor-parallel ranks (rules.experts_over),
+        # for loading here and for every trace of the step (ModelRunner enters the same context)
+        self.experts_axis = TENSOR if enable_expert_parallel else EXPERT
         # The planner is the memory model: it sizes the KV cache and caps the default max_model_len. It is held
         # against the devices' memory before anything is allocated.
         self.memory_plan = plan_memory(
@@ -168,7 +175,8 @@ class LLM:
         num_pages = capacity // page_size + 1
 
         def sharding_for(path, var, shape):
-            return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), shape)
+            with experts_over(self.experts_axis):
+                return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), shape)
 
         if load_format == "dummy":
             from moejax.checkpoints.dummy import dummy_state
@@ -184,7 +192,7 @@ class LLM:
                           prefill_block=block)
         self.runner = ModelRunner(
             graphdef, state, self.mesh, num_pages=num_pages, page_size=page_size,
-            kv_dtype=self.kv_dtype, max_model_len=self.max_model_len, buckets=buckets,
+            kv_dtype=self.kv_dtype, max_model_len=self.max_model_len, buckets=buckets, experts_axis=self.experts_axis,
             matmul_precision="highest" if self.dtype == jnp.float32 else None)
         del state
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None

@@ -25,6 +25,7 @@ from moejax.layers.kv_cache import POOL_AXES, KVPool, PagedBatch, init_pool, poo
 from moejax.layers.moe import routing_func
 from moejax.models.stacked import StackedModel
 from moejax.sharding.mesh import sharding_for_axes
+from moejax.sharding.rules import EXPERT, experts_over
 
 logger = logging.getLogger("moejax")
 
@@ -127,7 +128,8 @@ class InFlight:
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh, *, num_pages: int, page_size: int,
                  kv_dtype, max_model_len: int, buckets: Buckets, matmul_precision: str | None = None,
-                 pool: KVPool | None = None):
+                 pool: KVPool | None = None, experts_axis: str = EXPERT):
+        self.experts_axis = experts_axis  # the mesh axis routed experts are split over (rules.experts_over)
         self.model = StackedModel(graphdef, state)
         self.graphdef = graphdef
         self.params = self.model.params
@@ -286,6 +288,7 @@ class ModelRunner:
     def _context(self):
         stack = contextlib.ExitStack()
         stack.enter_context(jax.default_matmul_precision(self.matmul_precision))
+        stack.enter_context(experts_over(self.experts_axis))
         if self.mesh is not None:
             stack.enter_context(jax.set_mesh(self.mesh))
         return stack

@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--dp", type=int, default=1, help="data parallel size")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="routed experts split whole over the --tp ranks (vLLM's name), not their width")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | fp8 (block-scaled)")
     p.add_argument("--quantization", default=None, help="int8 | int4 (weight-only)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
@@ -44,7 +46,8 @@ def run(args) -> int:
     except ValueError as e:
         raise ValueError(f"MODEL_OR_CONFIG: {e}") from None
     config = ModelConfig.from_file(path)
-    plan = plan_memory(config, mesh=Mesh(args.tp, args.ep, args.dp), dtype=args.dtype,
+    mesh = Mesh(args.tp, args.ep, args.dp, expert_over_tp=args.enable_expert_parallel)
+    plan = plan_memory(config, mesh=mesh, dtype=args.dtype,
                        quantization=args.quantization, offload_experts=args.offload_experts,
                        device_memory_bytes=int(args.gpu_memory * GIB),
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
@@ -66,7 +69,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = [
         f"model {plan.model}: {p.total / 1e9:.2f}B parameters, {p.active / 1e9:.2f}B active per token "
         f"({p.active_without_embeddings / 1e9:.2f}B without the embedding table)",
-        f"mesh tp={m.tp} ep={m.ep} dp={m.dp} ({m.devices} devices), weights {plan.dtype}"
+        f"mesh tp={m.tp} ep={m.ep} dp={m.dp}{' (experts over tp)' if m.expert_over_tp else ''} "
+        f"({m.devices} devices), weights {plan.dtype}"
         + (f", quantization {plan.quantization}" if plan.quantization else "")
         + (", routed experts offloaded to host" if plan.offload_experts else ""),
         "",

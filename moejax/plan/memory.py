@@ -12,7 +12,7 @@ import math
 from moejax.config import ModelConfig
 from moejax.kernels.quant import sharding_shape
 from moejax.plan.params import KINDS, ParamCounts, TensorSpec, count_params, inventory
-from moejax.sharding.rules import DATA, EXPERT, TENSOR, logical_to_spec
+from moejax.sharding.rules import DATA, EXPERT, TENSOR, experts_over, logical_to_spec
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -27,6 +27,7 @@ class Mesh:
     tp: int = 1
     ep: int = 1
     dp: int = 1
+    expert_over_tp: bool = False  # enable_expert_parallel: routed experts split whole over the tp ranks
 
     @property
     def devices(self) -> int:
@@ -60,7 +61,8 @@ def stored_arrays(t: TensorSpec, dtype: str, quantization: str | None) -> list[t
 
 def shard_factor(axes, shape, mesh: Mesh) -> int:
     """How many ways an array of this shape and these logical axes is split on the mesh."""
-    spec = logical_to_spec(axes, mesh.shape, shape)
+    with experts_over(TENSOR if mesh.expert_over_tp else EXPERT):
+        spec = logical_to_spec(axes, mesh.shape, shape)
     factor = 1
     for entry in spec:
         if entry is not None:
@@ -205,6 +207,12 @@ def check_divisible(config: ModelConfig, mesh: Mesh) -> None:
         raise ValueError(f"expert_parallel_size={mesh.ep} does not divide num_experts={config.num_experts}")
     if config.num_heads % mesh.tp:
         raise ValueError(f"tensor_parallel_size={mesh.tp} does not divide num_attention_heads={config.num_heads}")
+    if mesh.expert_over_tp and mesh.ep > 1:
+        raise ValueError(f"enable_expert_parallel splits the experts over the tensor-parallel ranks; "
+                         f"expert_parallel_size={mesh.ep} must then be 1")
+    if mesh.expert_over_tp and config.num_experts % mesh.tp:
+        raise ValueError(f"enable_expert_parallel: tensor_parallel_size={mesh.tp} does not divide "
+                         f"num_experts={config.num_experts}")
 
 
 def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> str | None:
@@ -226,10 +234,12 @@ def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> st
                 candidates.append((f"--quantization {q}", dict(kw, quantization=q), m))
     for ep in (2, 4, 8, 16, 32, 64):
         if ep > m.ep and config.num_experts % ep == 0:
-            candidates.append((f"--ep {ep} ({m.tp * ep * m.dp} devices)", kw, Mesh(m.tp, ep, m.dp)))
+            if not m.expert_over_tp:
+                candidates.append((f"--ep {ep} ({m.tp * ep * m.dp} devices)", kw, Mesh(m.tp, ep, m.dp)))
     for tp in (2, 4, 8):
         if tp > m.tp and config.num_heads % tp == 0:
-            candidates.append((f"--tp {tp} ({tp * m.ep * m.dp} devices)", kw, Mesh(tp, m.ep, m.dp)))
+            candidates.append((f"--tp {tp} ({tp * m.ep * m.dp} devices)", kw,
+                               dataclasses.replace(m, tp=tp)))
     if not plan.offload_experts:
         candidates.append(("--offload-experts", dict(kw, offload_experts=True), m))
         candidates.append(("--offload-experts --quantization int4", dict(kw, offload_experts=True,

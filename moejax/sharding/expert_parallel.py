@@ -1,10 +1,11 @@
 """Expert-parallel dispatch of the routed experts.
 
-Routed experts are split over the `expert` mesh axis (and their width over `tensor`). XLA cannot infer a
+Routed experts are split over the `expert` mesh axis (and their width over `tensor`), or, with
+`enable_expert_parallel`, whole over `tensor` (rules.experts_over). XLA cannot infer a
 dispatch for a grouped matmul whose groups live on different devices (it would all-gather the expert weights),
 so the expert computation runs inside shard_map: every rank sees the tokens of its data shard, computes only the
 assignments that route to its own experts (ids shifted by its expert offset; the rest are skipped inside the
-grouped matmul), and one psum over (expert, tensor) adds the partial outputs, which are already weighted.
+grouped matmul), and one psum over the axes that split them adds the partial outputs, already weighted.
 
 Replicate-then-psum was chosen over all_to_all: tokens are already replicated across expert ranks (the batch
 is split over `data` only), so dispatch costs no communication, and the combine is a single all-reduce of
@@ -45,13 +46,13 @@ def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activat
 
     fields = {name: getattr(params, name) for name in EXPERT_AXES if getattr(params, name) is not None}
     specs = {name: logical_to_spec(EXPERT_AXES[name], shape, _shape_of(v)) for name, v in fields.items()}
-    expert_sharded = specs["w_gate"][0] == EXPERT
+    expert_axis = specs["w_gate"][0]  # EXPERT; TENSOR under enable_expert_parallel; None: not split
     # The expert width must be split alike in all three matmuls (a quantized weight may not divide); if any
     # does not split it, none does here.
     width_sharded = specs["w_gate"][2] == specs["w_up"][2] == specs["w_down"][1] == TENSOR
     if not width_sharded:
-        specs = {n: P(*(None if a == TENSOR else a for a in spec)) for n, spec in specs.items()}
-    reduce_axes = tuple(a for a, used in ((EXPERT, expert_sharded), (TENSOR, width_sharded)) if used)
+        specs = {n: P(spec[0], *(None if a == TENSOR else a for a in spec[1:])) for n, spec in specs.items()}
+    reduce_axes = tuple(a for a in (expert_axis, TENSOR if width_sharded else None) if a is not None)
     num_tokens = x_TD.shape[0]
     token_spec = P(DATA) if num_tokens % shape.get(DATA, 1) == 0 else P()
     names = tuple(fields)
@@ -66,8 +67,8 @@ def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activat
     def local(x_TD, weights_TK, ids_TK, layer, *arrays):
         arrays = [kernels.LayerWeight(a, layer) if n in layered else a for n, a in zip(names, arrays)]
         local_params = kernels.ExpertWeights(**dict(zip(names, arrays)))
-        if expert_sharded:
-            offset = jax.lax.axis_index(EXPERT) * local_params.w_gate.shape[0]
+        if expert_axis is not None:
+            offset = jax.lax.axis_index(expert_axis) * local_params.w_gate.shape[0]
             ids_TK = ids_TK - offset  # ids of other ranks fall outside [0, local experts) and are skipped
         y_TD = kernels.experts(x_TD, weights_TK, ids_TK, local_params, activation)
         if width_sharded and local_params.b_down is not None:

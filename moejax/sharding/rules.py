@@ -6,6 +6,8 @@ Model code names axes logically (`vocab`, `embed`, `q_heads`, ...); changing a p
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Mapping, Sequence
 
 from jax.sharding import PartitionSpec
@@ -34,22 +36,50 @@ LOGICAL_AXIS_RULES: Mapping[str, str | None] = {
 }
 
 
+# The one variation of the table: `enable_expert_parallel` (vLLM's name) splits the routed experts whole over the
+# tensor-parallel ranks that also split attention, instead of each expert's width. A context (not a second
+# table) so that model code stays layout-free: the engine enters it around loading and tracing.
+_EXPERTS_AXIS: contextvars.ContextVar[str] = contextvars.ContextVar("moejax_experts_axis", default=EXPERT)
+
+
+@contextlib.contextmanager
+def experts_over(mesh_axis: str):
+    """Within this context the "experts" logical axis maps to `mesh_axis` (EXPERT, or TENSOR for
+    enable_expert_parallel); a routed expert's width is then split only if another axis is left for it."""
+    if mesh_axis not in (EXPERT, TENSOR):
+        raise ValueError(f"experts go over {EXPERT!r} or {TENSOR!r}, not {mesh_axis!r}")
+    token = _EXPERTS_AXIS.set(mesh_axis)
+    try:
+        yield
+    finally:
+        _EXPERTS_AXIS.reset(token)
+
+
+def experts_axis() -> str:
+    """The mesh axis routed experts are split over in the current context."""
+    return _EXPERTS_AXIS.get()
+
+
 def logical_to_spec(
     axes: Sequence[str | None], mesh_shape: Mapping[str, int] | None = None, shape: Sequence[int] | None = None
 ) -> PartitionSpec:
     """PartitionSpec for an array with these logical axes.
 
     With `mesh_shape` and `shape`, an axis whose size the mesh axis does not divide is replicated instead
-    (kv heads fewer than tensor ranks); a mesh axis of size 1 is dropped.
+    (kv heads fewer than tensor ranks); a mesh axis of size 1 is dropped. A mesh axis already used by an
+    earlier axis of the array is not used again (experts over `tensor` leave their width whole).
     """
     spec: list[str | None] = []
     used: set[str] = set()
     for i, name in enumerate(axes):
-        mesh_axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+        mesh_axis = (experts_axis() if name == "experts" else LOGICAL_AXIS_RULES.get(name)) \
+            if name is not None else None
         if mesh_axis is not None and mesh_shape is not None:
             size = mesh_shape.get(mesh_axis, 1)
-            if size == 1 or (shape is not None and shape[i] % size) or mesh_axis in used:
+            if size == 1 or (shape is not None and shape[i] % size):
                 mesh_axis = None
+        if mesh_axis in used:
+            mesh_axis = None
         if mesh_axis is not None:
             used.add(mesh_axis)
         spec.append(mesh_axis)
