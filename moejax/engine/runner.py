@@ -24,8 +24,8 @@ from moejax.engine.scheduler import ScheduledStep
 from moejax.layers.kv_cache import POOL_AXES, KVPool, PagedBatch, init_pool, pool_shape
 from moejax.layers.moe import routing_func
 from moejax.models.stacked import StackedModel
-from moejax.sharding.mesh import sharding_for_axes
-from moejax.sharding.rules import EXPERT, experts_over
+from moejax.sharding.mesh import mesh_shape, sharding_for_axes
+from moejax.sharding.rules import EXPERT, TENSOR, experts_over
 
 logger = logging.getLogger("moejax")
 
@@ -333,8 +333,9 @@ class ModelRunner:
 
 
 def allocate_pool(config, mesh, num_pages: int, page_size: int, kv_dtype) -> KVPool:
-    shape = pool_shape(config, num_pages, page_size)
-    pool = init_pool(config, num_pages, page_size, kv_dtype, sharding_for_axes(mesh, POOL_AXES, shape))
+    tensor = mesh_shape(mesh).get(TENSOR, 1) if mesh is not None else 1
+    shape = pool_shape(config, num_pages, page_size, tensor)
+    pool = init_pool(config, num_pages, page_size, kv_dtype, sharding_for_axes(mesh, POOL_AXES, shape), tensor)
     return jax.block_until_ready(pool)
 
 

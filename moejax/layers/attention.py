@@ -103,6 +103,10 @@ class Attention(nnx.Module):
             mask = attention_mask(positions_BT, positions_BT, window)
             out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask, c.softmax_scale, sinks)
         else:
+            stored = kv.pool.k.shape[3]
+            if stored != c.num_kv_heads:  # heads replicated per tensor rank (kv_cache.cached_kv_heads)
+                k_BTKD = jnp.repeat(k_BTKD, stored // c.num_kv_heads, axis=2)
+                v_BTKD = jnp.repeat(v_BTKD, stored // c.num_kv_heads, axis=2)
             kv = kv.write(k_BTKD[0], v_BTKD[0])
             out_BTHD = kv.attend(q_BTHD[0], positions_BT[0], scale=c.softmax_scale, window=window,
                                  sinks_H=sinks)[None]

@@ -42,14 +42,24 @@ class KVPool:
         return sum(a.size * a.dtype.itemsize for a in (self.k, self.v) if a is not None)
 
 
-def pool_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+def cached_kv_heads(config: ModelConfig, tensor: int = 1) -> int:
+    """KV heads the pools hold. With fewer KV heads than tensor ranks (dividing them), each head is stored
+    once per rank whose query heads use it (vLLM's replication): `tensor` heads split one a rank, so a rank
+    keeps one head instead of all of them. MLA's one latent stays whole."""
+    kvh = config.num_kv_heads
+    if config.is_mla or kvh >= tensor or tensor % kvh:
+        return 1 if config.is_mla else kvh
+    return tensor
+
+
+def pool_shape(config: ModelConfig, num_pages: int, page_size: int, tensor: int = 1) -> tuple[int, ...]:
     if config.is_mla:
         return (config.num_layers, num_pages, page_size, 1, config.kv_lora_rank + config.qk_rope_head_dim)
-    return (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+    return (config.num_layers, num_pages, page_size, cached_kv_heads(config, tensor), config.head_dim)
 
 
-def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVPool:
-    shape = pool_shape(config, num_pages, page_size)
+def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None, tensor: int = 1) -> KVPool:
+    shape = pool_shape(config, num_pages, page_size, tensor)
 
     def zeros():
         return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()

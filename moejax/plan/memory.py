@@ -95,6 +95,8 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str, mesh: Mesh = Mesh(), kv_
     heads = config.num_kv_heads
     if heads % mesh.tp == 0:
         heads //= mesh.tp
+    elif mesh.tp % heads == 0:  # fewer KV heads than ranks: each rank stores the one its query heads use
+        heads = 1
     return config.num_layers * 2 * heads * config.head_dim * elem
 
 

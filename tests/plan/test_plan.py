@@ -68,7 +68,8 @@ def allocated_bytes_per_device(state) -> int:
     return max(per_device.values())
 
 
-@pytest.mark.parametrize("tp, ep, dp", [(1, 1, 1), (2, 1, 1), (1, 4, 1), (2, 4, 1), (1, 2, 2), (1, 8, 1)])
+@pytest.mark.parametrize("tp, ep, dp", [(1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 4, 1), (2, 4, 1), (1, 2, 2),
+                                        (1, 8, 1)])
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
 def test_predicted_bytes_equal_engine_allocation(hf_model_dir, family, tp, ep, dp):
     llm = LLM(hf_model_dir(family), tensor_parallel_size=tp, expert_parallel_size=ep, data_parallel_size=dp)

@@ -117,6 +117,23 @@ def test_enable_expert_parallel_with_biases_and_mla(tmp_path, family):
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
 
 
+def test_fewer_kv_heads_than_tensor_ranks_store_one_head_a_rank(hf_model_dir):
+    """2 KV heads at tp4: the pools hold each head on the two ranks whose query heads use it, one head a rank
+    (not both everywhere); greedy tokens are those of one device (test_mesh_matches_single_device, tp4)."""
+    from moejax.config import ModelConfig
+    from moejax.known_models import path_of
+    from moejax.plan.memory import Mesh, kv_bytes_per_token
+
+    llm = LLM(hf_model_dir("qwen3_moe"), tensor_parallel_size=4)
+    pool = llm.runner.pool
+    assert pool.k.shape[3] == 4
+    assert {s.data.shape[3] for s in pool.k.addressable_shards} == {1}
+    # Qwen3-235B-A22B (4 KV heads of 128, 94 layers) at tp8: 48,128 bytes a token a device, not 192,512
+    config = ModelConfig.from_file(path_of("qwen3-235b-a22b"))
+    assert kv_bytes_per_token(config, "bfloat16", Mesh(8)) == 48_128
+    assert kv_bytes_per_token(config, "bfloat16", Mesh(4)) == 48_128
+
+
 def test_planner_enable_expert_parallel_cases():
     from moejax.config import ModelConfig
     from moejax.known_models import path_of
