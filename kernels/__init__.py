@@ -52,82 +52,54 @@ def _pallas() -> tuple[bool, bool]:
     return True, not on_gpu
 
 
+def attention_kernel(q_block: int, heads: int, head_dim: int, k_pool_shape, value_dim: int, max_back) -> str | None:
+    """Which Pallas kernel `paged_attention` runs for these shapes on the backend in force: "decode" (one query
+    per block, max_back=0), "prefill", or None (the pure-JAX reference). k_pool_shape: [layers, pages,
+    page_size, kv_heads, dim]."""
+    use, _ = _pallas()
+    if not use:
+        return None
+    page_size, kvh = k_pool_shape[2], k_pool_shape[3]
+    if q_block == 1 and max_back == 0:
+        from moejax.kernels import pallas_paged_attention as decode
+
+        return "decode" if decode.supported(head_dim, value_dim, page_size) else None
+    from moejax.kernels import pallas_paged_prefill as prefill
+
+    return "prefill" if prefill.supported(q_block, heads // kvh, head_dim, value_dim, page_size) else None
+
+
 def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N, *,
-                    scale, window=None, sinks_H=None, value_dim=None, max_back=None):
+                    scale, window=None, sinks_H=None, value_dim=None, max_back=None, use_kernel: bool = True):
     """Causal attention of query blocks over their sequences' KV pages and this step's own keys (see
-    attention_reference.py). On the GPU, decode blocks (one query, max_back=0) run the Pallas flash-decoding
-    kernel (pallas_paged_attention.py) and prefill blocks the Pallas prefill kernel (pallas_paged_prefill.py);
-    shapes they do not tile, and everything off the GPU, take the pure-JAX version."""
+    attention_reference.py), on one device (`sharding.attention_parallel` runs it per tensor rank). On the GPU,
+    decode blocks (one query, max_back=0) run the Pallas flash-decoding kernel (pallas_paged_attention.py) and
+    prefill blocks the Pallas prefill kernel (pallas_paged_prefill.py); shapes they do not tile, everything off
+    the GPU, and use_kernel=False take the pure-JAX version."""
     from moejax.kernels.attention_reference import NO_WINDOW, paged_attention as reference
 
     window = NO_WINDOW if window is None else window
-    use, interpret = _pallas()
+    _, interpret = _pallas()
     dv = value_dim if v_pool is None else v_pool.shape[-1]
     n, qb, h, d = q_NQHD.shape
-    page_size, kvh = k_pool.shape[2], k_pool.shape[3]
-    if use and qb == 1 and max_back == 0:
-        from moejax.kernels import pallas_paged_attention as decode
+    kind = attention_kernel(qb, h, d, k_pool.shape, dv, max_back) if use_kernel else None
+    if kind == "decode":
+        from moejax.kernels.pallas_paged_attention import paged_decode
 
-        if decode.supported(d, dv, page_size):
-            def run(q, pos, pages, k, v, lay, kn, vn, win, sinks):
-                return decode.paged_decode(q[:, 0], pos[:, 0], pages, k, v, lay, kn[:, 0],
-                                           None if vn is None else vn[:, 0], scale=scale, window=win,
-                                           sinks_H=sinks, value_dim=value_dim, interpret=interpret)[:, None]
+        return paged_decode(q_NQHD[:, 0], q_pos_NQ[:, 0], page_table_NP, k_pool, v_pool, layer, k_new_NQKD[:, 0],
+                            None if v_new_NQKD is None else v_new_NQKD[:, 0], scale=scale, window=window,
+                            sinks_H=sinks_H, value_dim=value_dim, interpret=interpret)[:, None]
+    if kind == "prefill":
+        from moejax.kernels.pallas_paged_prefill import paged_prefill
 
-            out = _per_tensor_rank(run, q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD,
-                                   v_new_NQKD, window, sinks_H, None)
-            if out is not None:
-                return out
-    elif use:
-        from moejax.kernels import pallas_paged_prefill as prefill
-
-        if prefill.supported(qb, h // kvh, d, dv, page_size):
-            def run(q, pos, pages, k, v, lay, kn, vn, win, sinks, first):
-                return prefill.paged_prefill(q, pos, pages, k, v, lay, kn, vn, first, scale=scale, window=win,
-                                             sinks_H=sinks, value_dim=value_dim, interpret=interpret)
-
-            out = _per_tensor_rank(run, q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD,
-                                   v_new_NQKD, window, sinks_H, first_N)
-            if out is not None:
-                return out
+        return paged_prefill(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD,
+                             first_N, scale=scale, window=window, sinks_H=sinks_H, value_dim=value_dim,
+                             interpret=interpret)
     # On a GPU, a loop whose trip count is only known on the device may read its condition back to the host
     # every iteration; MOEJAX_ATTENTION_LOOPS=static trades that for masked work.
     return reference(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, first_N,
                      scale=scale, window=window, sinks_H=sinks_H, value_dim=value_dim, max_back=max_back,
                      static_bounds=_static_loops())
-
-
-def _per_tensor_rank(kernel, q_NQHD, pos_NQ, pages_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, window,
-                     sinks_H, first_N):
-    """An attention kernel on one device, or per tensor-parallel rank over its share of the heads (shard_map:
-    XLA cannot partition a kernel). None where the heads do not split over the mesh in context. kernel takes
-    (q, pos, pages, k, v, layer, k_new, v_new, window, sinks[, first]); None arguments stay None."""
-    from jax.sharding import PartitionSpec as P
-
-    args = [q_NQHD, pos_NQ, pages_NP, k_pool, v_pool, layer, k_new_NQKD, v_new_NQKD, window, sinks_H]
-    if first_N is not None:
-        args.append(first_N)
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh.axis_names else {}
-    if all(s == 1 for s in sizes.values()):
-        return kernel(*args)
-    tensor = sizes.get("tensor", 1)
-    kvh = k_pool.shape[3]
-    if [s for a, s in sizes.items() if a != "tensor" and s > 1] or kvh % tensor or q_NQHD.shape[2] % tensor:
-        return None
-    heads, pool = P(None, None, "tensor", None), P(None, None, None, "tensor", None)
-    args[5], args[8] = jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)
-    specs = [heads, P(), P(), pool, pool, P(), heads, heads, P(), P("tensor"), P()][: len(args)]
-    keep = [i for i, a in enumerate(args) if a is not None]
-
-    def local(*present):
-        full = [None] * len(args)
-        for i, a in zip(keep, present):
-            full[i] = a
-        return kernel(*full)
-
-    return jax.shard_map(local, in_specs=tuple(specs[i] for i in keep), out_specs=heads,
-                         check_vma=False)(*(args[i] for i in keep))
 
 
 def matmul(x, w):
@@ -168,6 +140,7 @@ def experts(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: Activat
 
 __all__ = [
     "Activation",
+    "attention_kernel",
     "ExpertWeights",
     "LayerWeight",
     "RoutingConfig",

@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax import kernels
+from moejax.sharding import attention_parallel
 from moejax.config import ModelConfig
 
 POOL_AXES = (None, None, None, "kv_heads", "head_dim")  # [layers, pages, page_size, kv_heads, head_dim]
@@ -130,12 +130,12 @@ class LayerKV:
         parts = []
         if nd:
             dec = slice(0, nd)
-            parts.append(kernels.paged_attention(
+            parts.append(attention_parallel.paged_attention(
                 q_THD[dec, None], positions_T[dec, None], b.decode_pages_DP, self.pool.k, self.pool.v,
                 self.layer, k[dec, None], None if v is None else v[dec, None], jnp.arange(nd), max_back=0,
                 **common)[:, 0])
         if t > nd:
-            out = kernels.paged_attention(
+            out = attention_parallel.paged_attention(
                 blocks(q_THD, nd, qb), blocks(positions_T, nd, qb), b.prefill_pages_BP, self.pool.k, self.pool.v,
                 self.layer, blocks(k, nd, qb), blocks(v, nd, qb), b.prefill_first_B, **common)
             parts.append(out.reshape(t - nd, h, -1))
