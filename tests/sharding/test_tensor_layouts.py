@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from moejax import LLM
-from tests.hf_models import FAMILIES
 from tests.sharding.conftest import GREEDY, PROMPT
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])  # the two expert layouts; more families below
 def test_experts_over_tp4_match_single_device(hf_model_dir, single, family):
     ref_logits, ref_tokens = single(family)
     llm = LLM(hf_model_dir(family), tensor_parallel_size=4, enable_expert_parallel=True)
