@@ -7,7 +7,6 @@ pure-JAX reference elsewhere) is decided here, never in model code.
 import os
 
 import jax
-import jax.numpy as jnp
 
 from moejax.kernels.align import moe_align_block_size
 from moejax.kernels.experts import Activation, ExpertWeights, experts_reference, gated_activation
