@@ -115,7 +115,7 @@ def startup(spec: dict, workload: dict, results: dict) -> None:
         llm.generate(prompt_token_ids=prompt, sampling_params=_greedy(1), use_tqdm=False)
         t3 = time.perf_counter()
         results["startup"] = {"total_s": t3 - t0, "construct_s": t1 - t0, "warmup_s": warm,
-                              "first_token_s": t3 - t2}
+                              "first_token_s": t3 - t2, **getattr(llm.runner, "warmup_stats", {})}
         _engine_facts(llm, results)
 
 

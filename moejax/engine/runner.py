@@ -9,16 +9,20 @@ device output (`prev_src`), so the host can launch step n+1 before it has read s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import logging
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.engine import executable_cache
 from moejax.engine.sampling import MAX_LOGPROBS, SamplingBatch, sample
 from moejax.engine.scheduler import ScheduledStep
 from moejax.layers.kv_cache import POOL_AXES, KVPool, PagedBatch, init_pool, pool_shape
@@ -28,6 +32,9 @@ from moejax.sharding.mesh import mesh_shape, sharding_for_axes
 from moejax.sharding.rules import EXPERT, TENSOR, experts_over
 
 logger = logging.getLogger("moejax")
+
+
+MIXED_DECODE_STEP = 8  # decode slots of mixed steps go up by this factor
 
 
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
@@ -52,17 +59,18 @@ class StepShape:
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """The step shapes a runner compiles: decode-only steps in powers of two; steps with prefill slots in
-    powers of two of the prefill block, with decode slots rounded up to powers of four."""
+    powers of two of the prefill block, with none or 8, 64, 512... decode slots (a few padded decode slots cost
+    a prefill step little, and every shape costs start-up a compile)."""
 
     max_decode: int
     max_prefill: int
     prefill_block: int
 
     def decode_sizes(self, mixed: bool) -> list[int]:
-        sizes, n = [], 1
+        sizes, n = [], MIXED_DECODE_STEP if mixed else 1
         while n < self.max_decode:
             sizes.append(n)
-            n *= 4 if mixed else 2
+            n *= MIXED_DECODE_STEP if mixed else 2
         return sizes + [self.max_decode]
 
     def prefill_sizes(self) -> list[int]:
@@ -148,6 +156,11 @@ class ModelRunner:
         # still read its buffer after launch returns; by the time a buffer comes round again the host has read
         # the results of the step that used it.
         self._buffers: dict[StepShape, list[np.ndarray]] = {}
+        # Executables compiled ahead of time by `warmup`, keyed by the step's static arguments; a step whose key
+        # is here skips jit's dispatch-time tracing (the jitted `step` compiles anything else on first use).
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
+        self._program_fingerprint: str | None = None
+        self.warmup_stats: dict = {}  # what the last warmup loaded, lowered and compiled, and how long it took
         self.warmed_up = False
         self.unexpected_compilations = 0
         # Count each MoE layer's routed tokens per expert inside the step (the server's expert metrics); a
@@ -200,7 +213,7 @@ class ModelRunner:
 
     def compilations(self) -> int:
         """Compiled variants of the step so far (tests bound it; nothing should compile after warm-up)."""
-        return self.step_fn._cache_size()
+        return len(self._compiled) + self.step_fn._cache_size()
 
     def step_temp_bytes(self, shape: StepShape) -> int:
         """Scratch memory the compiled step of `shape` needs beside its inputs and outputs. The pool is
@@ -293,12 +306,19 @@ class ModelRunner:
             stack.enter_context(jax.set_mesh(self.mesh))
         return stack
 
+    def _static(self, shape: StepShape) -> tuple:
+        return shape, self.count_experts, self.routing_fn
+
     def _run(self, shape: StepShape, buf: np.ndarray):
         packed = jax.device_put(buf, self._replicated)
         before = self.compilations() if self.warmed_up else None
+        compiled = self._compiled.get(self._static(shape))
         with self._context():
-            (tokens, logprobs, top, counts), self._prev, self.pool = self.step_fn(
-                self.params, self.pool, packed, self._prev, shape, self.count_experts, self.routing_fn)
+            if compiled is not None:
+                out = compiled(self.params, self.pool, packed, self._prev)
+            else:
+                out = self.step_fn(self.params, self.pool, packed, self._prev, *self._static(shape))
+            (tokens, logprobs, top, counts), self._prev, self.pool = out
         if before is not None and self.compilations() != before:
             self.unexpected_compilations += 1
             logger.warning("step shape %s compiled after warm-up", shape)
@@ -318,14 +338,59 @@ class ModelRunner:
                 seq.output_ids.append(None)
         return InFlight(scheduled, sampled, tokens, logprobs, top, counts)
 
-    def warmup(self) -> int:
-        """Compile every step shape (with all-padding inputs, which write nothing); returns how many."""
+    def warmup(self, threads: int | None = None) -> int:
+        """Compile every step shape ahead of time; returns how many. Shapes stored by an earlier process
+        (executable_cache, on with JAX's persistent cache) load without tracing. The rest are traced and lowered
+        one after the other (tracing holds the GIL), then compiled by `threads` workers at once (XLA releases
+        the GIL while it compiles). MOEJAX_COMPILE_THREADS sets the default (the machine's cores)."""
+        if threads is None:
+            threads = int(os.environ.get("MOEJAX_COMPILE_THREADS", 0)) or os.cpu_count() or 1
         shapes = self.buckets.all_shapes()
-        for shape in shapes:
-            buf, _ = self._buffer(shape)
-            jax.block_until_ready(self._run(shape, buf))
+        todo = [s for s in shapes if self._static(s) not in self._compiled]
+        t0 = time.perf_counter()
+        where = executable_cache.directory() if self.routing_fn is None else None
+        fingerprint = self._fingerprint() if where else None
+        loaded = 0
+        devices = list(self.mesh.devices.flat) if self.mesh is not None else jax.local_devices()[:1]
+        if where:
+            for shape in list(todo):
+                executable = executable_cache.load(where, fingerprint, self._static(shape), devices)
+                if executable is not None:
+                    self._compiled[self._static(shape)] = executable
+                    todo.remove(shape)
+                    loaded += 1
+        t1 = time.perf_counter()
+        lowered = []
+        with self._context():
+            for shape in todo:
+                buf, _ = self._buffer(shape)
+                lowered.append(self.step_fn.lower(self.params, self.pool, buf, self._prev, *self._static(shape)))
+        t2 = time.perf_counter()
+        if lowered:
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(lowered)))) as workers:
+                executables = list(workers.map(lambda lo: lo.compile(), lowered))
+        else:
+            executables = []
+        for shape, executable in zip(todo, executables):
+            self._compiled[self._static(shape)] = executable
+            if where:
+                executable_cache.store(where, fingerprint, self._static(shape), executable)
+        self.warmup_stats = {"loaded": loaded, "loaded_s": t1 - t0, "lowered": len(todo), "lowered_s": t2 - t1,
+                             "compiled_s": time.perf_counter() - t2, "threads": threads}
+        logger.info("step shapes: %d loaded from the executable cache in %.1f s, %d lowered in %.1f s and compiled "
+                    "in %.1f s on %d threads", loaded, t1 - t0, len(todo), t2 - t1, time.perf_counter() - t2,
+                    threads)
         self.warmed_up = True
         return len(shapes)
+
+    def _fingerprint(self) -> str:
+        if self._program_fingerprint is None:
+            facts = {"buckets": self.buckets, "page_size": self.page_size, "num_pages": self.num_pages,
+                     "max_pages": self.max_pages, "matmul_precision": self.matmul_precision,
+                     "experts_axis": self.experts_axis, "prev": (self._prev.shape, str(self._prev.sharding))}
+            self._program_fingerprint = executable_cache.program_fingerprint(
+                config=self.config, params=self.params, pool=self.pool, mesh=self.mesh, facts=facts)
+        return self._program_fingerprint
 
     def forward_logits(self, tokens_T, positions_T):
         with self._context():
