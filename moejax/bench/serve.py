@@ -174,6 +174,7 @@ def offline_main(argv=None) -> int:
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               kv_cache_tokens=a.kv_cache_tokens, max_num_batched_tokens=a.max_num_batched_tokens,
               load_format=a.load_format)
+    llm.warmup()  # every step shape, as the server has them: neither side times a compile
     run_offline(llm, spec["requests"][: min(8, len(spec["requests"]))], "warm-")
     emit({"offline": run_offline(llm, spec["requests"], "all-")})
     return 0
