@@ -37,7 +37,7 @@ import numpy as np
 from moejax.bench.device_time import device_seconds
 from moejax.bench.roofline import hbm_bandwidth
 from moejax.kernels.attention_reference import NO_WINDOW, paged_attention as reference
-from moejax.kernels.bench import chained
+from moejax.kernels.bench import chained, cuda_event_us
 from moejax.kernels.pallas_paged_attention import paged_decode
 
 PAGE = 16
@@ -193,18 +193,10 @@ def torch_sdpa_us(p: Problem, rounds: int = 7) -> float | None:
         for r in range(reps):
             f(q[r], k[r], v[r], enable_gqa=True)
 
-    run()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    del q, k, v
+    us = cuda_event_us(run, reps, rounds)
+    del run, q, k, v
     torch.cuda.empty_cache()
-    return float(np.median(times))
+    return us
 
 
 def read_bandwidth(nbytes: int) -> float:

@@ -64,6 +64,24 @@ def chained(fn, per_rep_args) -> list:
     return outs
 
 
+def cuda_event_us(run, per_call: int, rounds: int = 7) -> float:
+    """A torch peer's time: run() once to warm up, then the median over rounds of CUDA-event time per call
+    (run makes per_call calls)."""
+    import torch
+
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / per_call)
+    return float(np.median(times))
+
+
 def _median_us(run, per_call: int, rounds: int = 7) -> float:
     jax.block_until_ready(run())
     times = []
@@ -241,17 +259,7 @@ def torch_grouped_mm_us(p: Problem, sorted_rows) -> float | None:
         for xs, offs in calls:
             torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
 
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return float(np.median(times))
+    return cuda_event_us(run, len(calls))
 
 
 def peers_and_layers(p: Problem, sorted_rows) -> dict:

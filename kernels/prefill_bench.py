@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels.attention_reference import NO_WINDOW, paged_attention as reference
-from moejax.kernels.bench import chained
+from moejax.kernels.bench import chained, cuda_event_us
 from moejax.kernels.pallas_paged_prefill import paged_prefill
 
 PAGE, QB = 16, 64
@@ -134,18 +134,10 @@ def torch_sdpa_us(p: PrefillProblem, rounds: int = 7) -> float | None:
         for r in range(REPS):
             f(q[r], k, v, is_causal=True, enable_gqa=True)
 
-    run()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / REPS)
-    del q, k, v
+    us = cuda_event_us(run, REPS, rounds)
+    del run, q, k, v
     torch.cuda.empty_cache()
-    return float(np.median(times))
+    return us
 
 
 def run_prefill(models: dict, rate: float, median_us, fmt, interpret: bool, cases=CASES) -> list[dict]:

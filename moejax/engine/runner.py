@@ -341,8 +341,8 @@ class ModelRunner:
     def warmup(self, threads: int | None = None) -> int:
         """Compile every step shape ahead of time; returns how many. Shapes stored by an earlier process
         (executable_cache, on with JAX's persistent cache) load without tracing. The rest are traced and lowered
-        one after the other (tracing holds the GIL), then compiled by `threads` workers at once (XLA releases
-        the GIL while it compiles). MOEJAX_COMPILE_THREADS sets the default (the machine's cores)."""
+        one after the other (tracing holds the GIL) and compiled by `threads` workers at once (XLA releases the
+        GIL while it compiles). MOEJAX_COMPILE_THREADS sets the default (the machine's cores)."""
         if threads is None:
             threads = int(os.environ.get("MOEJAX_COMPILE_THREADS", 0)) or os.cpu_count() or 1
         shapes = self.buckets.all_shapes()
@@ -360,26 +360,27 @@ class ModelRunner:
                     todo.remove(shape)
                     loaded += 1
         t1 = time.perf_counter()
-        lowered = []
-        with self._context():
-            for shape in todo:
-                buf, _ = self._buffer(shape)
-                lowered.append(self.step_fn.lower(self.params, self.pool, buf, self._prev, *self._static(shape)))
-        t2 = time.perf_counter()
-        if lowered:
-            with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(lowered)))) as workers:
-                executables = list(workers.map(lambda lo: lo.compile(), lowered))
-        else:
-            executables = []
+        # Largest shapes first (their compiles are the longest); each compile starts as soon as its shape is
+        # lowered, so lowering the rest overlaps the compiles.
+        todo.sort(key=lambda s: -s.num_tokens)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(todo) or 1))) as workers:
+            futures = []
+            with self._context():
+                for shape in todo:
+                    buf, _ = self._buffer(shape)
+                    lowered = self.step_fn.lower(self.params, self.pool, buf, self._prev, *self._static(shape))
+                    futures.append(workers.submit(lowered.compile))
+            t2 = time.perf_counter()
+            executables = [f.result() for f in futures]
         for shape, executable in zip(todo, executables):
             self._compiled[self._static(shape)] = executable
             if where:
                 executable_cache.store(where, fingerprint, self._static(shape), executable)
         self.warmup_stats = {"loaded": loaded, "loaded_s": t1 - t0, "lowered": len(todo), "lowered_s": t2 - t1,
                              "compiled_s": time.perf_counter() - t2, "threads": threads}
-        logger.info("step shapes: %d loaded from the executable cache in %.1f s, %d lowered in %.1f s and compiled "
-                    "in %.1f s on %d threads", loaded, t1 - t0, len(todo), t2 - t1, time.perf_counter() - t2,
-                    threads)
+        logger.info("step shapes: %d loaded from the executable cache in %.1f s, %d lowered in %.1f s while "
+                    "compiling on %d threads, compiled %.1f s after that", loaded, t1 - t0, len(todo), t2 - t1,
+                    threads, time.perf_counter() - t2)
         self.warmed_up = True
         return len(shapes)
 

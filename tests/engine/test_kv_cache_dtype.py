@@ -18,7 +18,7 @@ def _run(kv_cache_dtype, prompts):
     llm = LLM(dtype="float32", max_model_len=MAX_LEN, max_num_seqs=4, max_num_batched_tokens=32,
               kv_cache_tokens=4 * MAX_LEN, kv_cache_dtype=kv_cache_dtype)
     outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False, sampling_params=SamplingParams(
-        temperature=0, max_tokens=12, ignore_eos=True, logprobs=2))
+        temperature=0, max_tokens=12, ignore_eos=True, logprobs=5))
     return llm, [o.outputs[0] for o in outs]
 
 
@@ -30,8 +30,8 @@ def test_fp8_pages_generate_within_fp8_error():
     assert fp8_llm.runner.pool.nbytes * 4 == auto_llm.runner.pool.nbytes  # float32 model: a quarter the bytes
     diffs = []
     for r, g in zip(ref, got):
-        # The first token: the prompt through FP8 pages. It may differ only where the cache's own top two were
-        # a near tie (random prompts on a random model make some).
+        # The first token: the prompt through FP8 pages. It may differ only where the cache's own top five held
+        # a near tie (random prompts make flat distributions at times: once three tokens within 0.02 nats).
         if g.token_ids[0] != r.token_ids[0]:
             top = r.logprobs[0]
             assert g.token_ids[0] in top and top[r.token_ids[0]] - top[g.token_ids[0]] < 0.6, (top, g.token_ids[0])
