@@ -109,8 +109,11 @@ def sample(logits_BV: jax.Array, batch: SamplingBatch, num_logprobs: int = 0):
         sampled = jax.vmap(jax.random.categorical)(keys, masked)
         return jnp.where(batch.temperature == 0, greedy, sampled).astype(jnp.int32)
 
-    # The sort over the vocabulary costs real time every decode step: an all-greedy batch skips it.
-    tokens = jax.lax.cond(jnp.all(batch.temperature == 0), lambda *_: greedy, draw, logits_BV, batch)
+    # No lax.cond to skip the sort for all-greedy batches: on the GPU a conditional reads its predicate back to
+    # the host, which then blocks in every step's dispatch until the device reaches sampling, and the engine
+    # loses its one step of lookahead (measured on the H200: 7.9 -> 6.7 ms per b1 decode step, 30.3 -> 23.8 at
+    # b128 once the sort always runs).
+    tokens = draw(logits_BV, batch)
     token_logprobs = jnp.take_along_axis(logprobs_BV, tokens[:, None], axis=-1)[:, 0]
     top = jax.lax.top_k(logprobs_BV, num_logprobs) if num_logprobs else None
     return tokens, token_logprobs, top
