@@ -59,8 +59,8 @@ class StepShape:
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """The step shapes a runner compiles: decode-only steps in powers of two; steps with prefill slots in
-    powers of two of the prefill block, with none or 8, 64, 512... decode slots (a few padded decode slots cost
-    a prefill step little, and every shape costs start-up a compile)."""
+    powers of two of the prefill block, with 8, 64, 512... decode slots (a prefill step without decodes runs
+    with 8 padded ones: they cost it little, and every shape costs start-up a compile)."""
 
     max_decode: int
     max_prefill: int
@@ -81,14 +81,14 @@ class Buckets:
         return sizes + [self.max_prefill]
 
     def shape(self, num_decode: int, num_prefill: int, num_logprobs: int = 0) -> StepShape:
-        pick = lambda n, sizes: next(s for s in sizes if s >= n) if n else 0  # noqa: E731
-        p = pick(num_prefill, self.prefill_sizes())
+        pick = lambda n, sizes: next(s for s in sizes if s >= n)  # noqa: E731
+        p = pick(num_prefill, self.prefill_sizes()) if num_prefill else 0
         return StepShape(pick(num_decode, self.decode_sizes(mixed=p > 0)), p, num_logprobs)
 
     def all_shapes(self) -> list[StepShape]:
         shapes = [StepShape(d, 0) for d in self.decode_sizes(False)]
         for p in self.prefill_sizes():
-            shapes += [StepShape(d, p) for d in [0] + self.decode_sizes(True)]
+            shapes += [StepShape(d, p) for d in self.decode_sizes(True)]
         return shapes
 
     @property
