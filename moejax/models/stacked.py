@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.compiling import compile_all
+
 from moejax.kernels.attention_reference import NO_WINDOW
 from moejax.kernels.layer_weight import LayerWeight
 from moejax.kernels.quant import QuantizedWeight
@@ -36,11 +38,23 @@ def _stacked_sharding(x):
     return None
 
 
-def _stack(arrays, free: bool):
-    out = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=_stacked_sharding(arrays[0]))(*arrays)
-    if free:
-        for a in arrays:
-            a.delete()
+def _stack_all(groups: list[tuple], free: bool) -> list[jax.Array]:
+    """Each group of per-layer arrays stacked on a new leading axis, one group at a time with its sources
+    freed; the stacking programs (one per distinct shape) are compiled together first."""
+    def stacker(arrays):
+        return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=_stacked_sharding(arrays[0]))
+
+    def key(arrays):
+        return len(arrays), arrays[0].shape, arrays[0].dtype, tuple(getattr(a, "sharding", None) for a in arrays)
+
+    distinct = {key(g): g for g in groups}
+    compiled = dict(zip(distinct, compile_all([stacker(g).lower(*g) for g in distinct.values()])))
+    out = []
+    for arrays in groups:
+        out.append(compiled[key(arrays)](*arrays))
+        if free:
+            for a in arrays:
+                a.delete()
     return out
 
 
@@ -72,8 +86,13 @@ class StackedModel:
                 start = i
         self.runs = tuple(runs)
         self.windows = np.asarray([self.config.window(i) or NO_WINDOW for i in range(len(parts))], np.int32)
-        stacked = [jax.tree.map(lambda *xs: _stack(xs, free_source), *[parts[j][1] for j in range(r.start, r.stop)])
-                   for r in self.runs]
+        # Each run's layer states leaf by leaf: [leaf][layer] -> one stacked leaf.
+        trees = [[parts[j][1] for j in range(r.start, r.stop)] for r in self.runs]
+        leaves = [[jax.tree.leaves(t) for t in run] for run in trees]
+        groups = [tuple(layer[i] for layer in run) for run in leaves for i in range(len(run[0]))]
+        flat = iter(_stack_all(groups, free_source))
+        stacked = [jax.tree.unflatten(jax.tree.structure(run[0]), [next(flat) for _ in run_leaves[0]])
+                   for run, run_leaves in zip(trees, leaves)]
         self.params = {"top": top_state, "runs": stacked}
 
     def unstacked(self, params=None) -> tuple[nnx.GraphDef, nnx.State]:

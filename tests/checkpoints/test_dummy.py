@@ -1,0 +1,64 @@
+"""load_format="dummy": random weights from the config alone, the same for the same seed, in the model's
+shardings, and a model that runs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from moejax import LLM, SamplingParams
+from moejax.checkpoints.dummy import dummy_state
+from moejax.checkpoints.hf import flat_params
+from moejax.config import ModelConfig
+from moejax.models import build_abstract
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "..", "moejax", "data", "tiny-moe")
+
+
+def _state(seed):
+    config = ModelConfig.from_file(TINY)
+    _, abstract = build_abstract(config, jax.numpy.float32)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return dict(flat_params(dummy_state(abstract, sharding_for=lambda *_: device, seed=seed)))
+
+
+def test_dummy_weights_follow_the_seed_and_their_kind():
+    a, b, c = _state(0), _state(0), _state(1)
+    assert a.keys() == b.keys() == c.keys()
+    normal = 0
+    for path, var in a.items():
+        x = np.asarray(var.get_value())
+        np.testing.assert_array_equal(x, np.asarray(b[path].get_value()), err_msg=str(path))
+        if path[-1] == "weight":  # RMSNorm scales
+            np.testing.assert_array_equal(x, 1.0)
+        elif x.size >= 4096:
+            normal += 1
+            assert abs(x.std() - 0.02) < 0.002 and abs(x.mean()) < 0.002, path
+            assert not np.array_equal(x, np.asarray(c[path].get_value())), path
+    assert normal >= 4
+    # Tensors of one shape differ from each other: each is drawn from its own name.
+    same_shape = [np.asarray(v.get_value()) for p, v in a.items() if p[-1] == "kernel"]
+    shapes = {}
+    for x in same_shape:
+        shapes.setdefault(x.shape, []).append(x)
+    pairs = [xs for xs in shapes.values() if len(xs) > 1]
+    assert pairs and all(not np.array_equal(xs[0], xs[1]) for xs in pairs)
+
+
+def test_llm_runs_on_dummy_weights_from_a_config_alone(tmp_path):
+    with open(os.path.join(TINY, "config.json")) as f:
+        (tmp_path / "config.json").write_text(json.dumps(json.load(f)))
+    llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", max_model_len=64, max_num_seqs=2, seed=3)
+    out = llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4,
+                                                                                    ignore_eos=True),
+                       use_tqdm=False)
+    again = LLM(str(tmp_path), load_format="dummy", dtype="float32", max_model_len=64, max_num_seqs=2, seed=3)
+    ref = again.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4,
+                                                                                      ignore_eos=True),
+                         use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert out[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="load_format"):
+        LLM(str(tmp_path), load_format="pickle")
