@@ -51,6 +51,30 @@ def align_rows(topk_ids: jax.Array, num_experts: int, block_size: int, length: i
     return sorted_ids, block_expert, total.astype(jnp.int32), row_of_assignment
 
 
+def align_each(topk_ids: jax.Array, num_experts: int, block_size: int):
+    """`align_rows` without grouping: assignment a gets block a to itself (row a * block_size). Right for any
+    routing, and the choice when assignments are few and mostly on different experts (one token's k are
+    always distinct): no count, sort or scatter, so a decode step's MoE layer launches a few kernels fewer."""
+    flat = topk_ids.reshape(-1).astype(jnp.int32)
+    n = flat.shape[0]
+    length = n * block_size
+    mine = (flat >= 0) & (flat < num_experts)
+    rows = jnp.arange(length, dtype=jnp.int32)
+    sorted_ids = jnp.where(rows % block_size == 0, rows // block_size, n)
+    sorted_ids = jnp.where(jnp.repeat(mine, block_size), sorted_ids, n)
+    block_expert = jnp.where(mine, flat, -1)
+    row_of_assignment = jnp.where(mine, jnp.arange(n, dtype=jnp.int32) * block_size, length)
+    total = jnp.sum(mine, dtype=jnp.int32) * block_size
+    return sorted_ids, block_expert, total, row_of_assignment
+
+
+def groups_rows(num_assignments: int, num_experts: int, num_tokens: int) -> bool:
+    """Whether the expert kernels group assignments by expert (`align_rows`) or give each its own block
+    (`align_each`): a single token's, or when so few that two rarely share an expert (a shared one would be
+    streamed twice)."""
+    return not (num_tokens == 1 or num_assignments * 4 <= num_experts)
+
+
 def moe_align_block_size(topk_ids: jax.Array, num_experts: int, block_size: int):
     """-> (sorted_token_ids int32 [T*k + E*(bs-1)], expert_ids int32 [that // bs], num_tokens_post_padded int32).
 

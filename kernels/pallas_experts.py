@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax.kernels.align import align_rows
+from moejax.kernels.align import align_each, align_rows, groups_rows
 from moejax.kernels.experts import Activation, ExpertWeights
 from moejax.kernels.layer_weight import LayerWeight, unstacked
 from moejax.kernels.quant import QuantizedWeight, dequantize
@@ -259,7 +259,8 @@ def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: 
     down_tiles = dataclasses.replace(down_tiles or choose_tiles(num_tokens * top_k, num_experts, f, d, bits),
                                      block_m=tiles.block_m)
     # Assignments of other expert-parallel ranks (ids outside [0, E)) take no row.
-    sorted_ids, block_expert, _, row_of_assignment = align_rows(ids_TK, num_experts, tiles.block_m)
+    align = align_rows if groups_rows(num_tokens * top_k, num_experts, num_tokens) else align_each
+    sorted_ids, block_expert, _, row_of_assignment = align(ids_TK, num_experts, tiles.block_m)
     if first_expert is not None:
         block_expert = jnp.where(block_expert >= 0, block_expert + first_expert, -1)
     num_rows = sorted_ids.shape[0]

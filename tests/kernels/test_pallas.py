@@ -234,3 +234,27 @@ def test_layer_of_stacked_experts_read_in_place(bits, tokens):
         got = np.asarray(experts_pallas(x, w, ids, layered, interpret=True))
         assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3, j
         np.testing.assert_allclose(np.asarray(kernels.experts(x, w, ids, layered)), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens, top_k, num_experts", [(1, 8, 128), (3, 2, 32)])
+def test_few_assignments_get_a_block_each(tokens, top_k, num_experts):
+    """Few assignments skip the grouping (align_each): each its own block, other ranks' skipped, and the
+    kernels give the reference's result through it."""
+    from moejax.kernels.align import align_each, groups_rows
+
+    assert not groups_rows(tokens * top_k, num_experts, tokens)
+    rng = np.random.default_rng()
+    ids = np.stack([rng.choice(num_experts + 4, top_k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    ids[ids >= num_experts] = -1  # another rank's
+    ids[0, 0] = 1
+    sorted_ids, block_expert, total, row_of = (np.asarray(a) for a in align_each(jnp.asarray(ids), num_experts, 16))
+    flat = ids.reshape(-1)
+    mine = flat >= 0
+    assert (row_of[~mine] == len(sorted_ids)).all() and (sorted_ids[row_of[mine]] == np.nonzero(mine)[0]).all()
+    assert (block_expert[mine] == flat[mine]).all() and (block_expert[~mine] == -1).all()
+    assert total == mine.sum() * 16 and ((sorted_ids < len(flat)).sum() == mine.sum())
+
+    x, w, _, params = _problem(tokens, 64, 32, num_experts, top_k, jnp.float32)
+    p = ExpertWeights(*[jnp.asarray(a) for a in params])
+    np.testing.assert_allclose(np.asarray(experts_pallas(x, w, jnp.asarray(ids), p, interpret=True)),
+                               np.asarray(experts_reference(x, w, jnp.asarray(ids), p)), rtol=1e-5, atol=1e-6)
