@@ -125,8 +125,11 @@ def experts(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: Activat
     of a stack (the Pallas kernels read it in place; the reference takes the slice)."""
     import dataclasses
 
+    from moejax.kernels import host_experts
     from moejax.kernels.layer_weight import unstacked
 
+    if host_experts.on_host(params):  # offloaded: bring this step's routed experts to the device
+        params, ids_TK = host_experts.fetch_routed(ids_TK, params, params.w_gate.shape[0])
     use, interpret = _pallas()
     if use:
         from moejax.kernels import pallas_experts

@@ -19,6 +19,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 (e4m3 pages, twice the tokens)")
     p.add_argument("--moe-top-k", type=int, default=None, help="experts per token instead of the model's")
+    p.add_argument("--offload-experts", action="store_true",
+                   help="keep the routed experts in host memory; each step copies in the ones it routes to")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -47,7 +49,8 @@ def load_llm(args):
     return LLM(args.model, dtype=args.dtype, quantization=args.quantization, tensor_parallel_size=args.tp,
                expert_parallel_size=args.ep, data_parallel_size=args.dp, max_model_len=args.max_model_len,
                enable_expert_parallel=args.enable_expert_parallel,
-               kv_cache_dtype=args.kv_cache_dtype, moe_top_k=args.moe_top_k, seed=args.seed)
+               kv_cache_dtype=args.kv_cache_dtype, moe_top_k=args.moe_top_k, seed=args.seed,
+               offload_experts=args.offload_experts)
 
 
 def sampling(args):

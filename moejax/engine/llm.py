@@ -31,6 +31,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float
 QUANTIZATIONS = (None, "int8", "int4")
 LOAD_FORMATS = ("auto", "dummy")
 MIN_PREFILL_BUCKET = 16
+HOST_MEMORY = "pinned_host"  # where offload_experts=True keeps the routed experts
 DEFAULT_BATCHED_TOKENS = 8192  # a step's token budget unless max_num_batched_tokens says otherwise
 CPU_DEFAULT_KV_REQUESTS = 16  # on the CPU backend, the default KV cache holds this many full-length requests
 PREFILL_BLOCK = 64  # prefill chunks are laid out in query blocks of this many tokens (at most 4 pages)
@@ -89,8 +90,15 @@ class LLM:
             raise ValueError(f"model: {model!r} is not a directory")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-        for name, value, default in (("offload_experts", offload_experts, False),
-                                     ("pipeline_parallel_size", pipeline_parallel_size, 1),
+        if not isinstance(offload_experts, bool):
+            raise ValueError(f"offload_experts must be True or False, got {offload_experts!r}")
+        if offload_experts and (tensor_parallel_size, expert_parallel_size, data_parallel_size) != (1, 1, 1):
+            raise ValueError("offload_experts=True runs on one device: tensor_parallel_size, "
+                             "expert_parallel_size and data_parallel_size must be 1")
+        if offload_experts and HOST_MEMORY not in {m.kind for m in jax.local_devices()[0].addressable_memories()}:
+            raise ValueError(f"offload_experts=True: the {jax.default_backend()} device has no {HOST_MEMORY!r} "
+                             "memory to hold the experts")
+        for name, value, default in (("pipeline_parallel_size", pipeline_parallel_size, 1),
                                      ("enable_dp_attention", enable_dp_attention, False)):
             if value != default:
                 raise ValueError(f"{name}={value!r} is not supported by this version of moejax yet")
@@ -155,8 +163,9 @@ class LLM:
         self.memory_plan = plan_memory(
             c, mesh=plan_mesh, dtype=dtype, quantization=quantization, device_memory_bytes=device_memory_bytes(),
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len or c.max_position_embeddings,
-            max_num_seqs=max_num_seqs, model=model, kv_cache_dtype=kv_cache_dtype)
+            max_num_seqs=max_num_seqs, model=model, kv_cache_dtype=kv_cache_dtype, offload_experts=offload_experts)
         plan = self.memory_plan
+        self.offload_experts = offload_experts
         capacity = plan.kv_cache_tokens if kv_cache_tokens is None else kv_cache_tokens
         self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 2)
         self._check_fits(kv_cache_tokens, plan_mesh)
@@ -175,8 +184,12 @@ class LLM:
         num_pages = capacity // page_size + 1
 
         def sharding_for(path, var, shape):
+            axes = var.get_metadata().get("logical_axes", ())
             with experts_over(self.experts_axis):
-                return sharding_for_axes(self.mesh, var.get_metadata().get("logical_axes", ()), shape)
+                sharding = sharding_for_axes(self.mesh, axes, shape)
+            if offload_experts and axes and axes[0] == "experts":  # routed experts: loaded straight to the host
+                sharding = sharding.with_memory_kind(HOST_MEMORY)
+            return sharding
 
         if load_format == "dummy":
             from moejax.checkpoints.dummy import dummy_state
@@ -207,6 +220,12 @@ class LLM:
     def _check_fits(self, kv_cache_tokens, mesh) -> None:
         """Raise, naming the smallest change that fits, when the weights and the cache exceed device memory."""
         plan = self.memory_plan
+        gib = 1024**3
+        host_free = available_host_memory()
+        if plan.host_weight_bytes and host_free is not None and plan.host_weight_bytes > host_free:
+            raise ValueError(f"model {self.model_path!r} does not fit: offload_experts=True keeps "
+                             f"{plan.host_weight_bytes / gib:.2f} GiB of routed experts in host memory, which has "
+                             f"{host_free / gib:.2f} GiB available; quantization='int4' or 'int8' shrinks them")
         budget = int(plan.device_memory_bytes * plan.gpu_memory_utilization)
         need = plan.weight_bytes_per_device + plan.workspace_bytes
         if kv_cache_tokens is not None:
@@ -215,7 +234,6 @@ class LLM:
             need += self.max_model_len * plan.kv_bytes_per_token
         if need <= budget:
             return
-        gib = 1024**3
         fix = plan.suggestion or smallest_fix(plan, self.config, self.max_num_seqs)
         raise ValueError(
             f"model {self.model_path!r} does not fit: {plan.weight_bytes_per_device / gib:.2f} GiB of weights + "
@@ -384,6 +402,18 @@ def enable_compilation_cache() -> None:
     except OSError:
         return
     jax.config.update("jax_compilation_cache_dir", where)
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available now (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def device_memory_bytes() -> int:

@@ -34,8 +34,14 @@ class Run:
 def _stacked_sharding(x):
     s = getattr(x, "sharding", None)
     if isinstance(s, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec),
+                                          memory_kind=s.memory_kind)
     return None
+
+
+def _in_host_memory(x) -> bool:
+    s = getattr(x, "sharding", None)
+    return s is not None and s.memory_kind not in (None, "device")
 
 
 def _stack_all(groups: list[tuple], free: bool) -> list[jax.Array]:
@@ -47,11 +53,15 @@ def _stack_all(groups: list[tuple], free: bool) -> list[jax.Array]:
     def key(arrays):
         return len(arrays), arrays[0].shape, arrays[0].dtype, tuple(getattr(a, "sharding", None) for a in arrays)
 
-    distinct = {key(g): g for g in groups}
+    # Arrays in host memory (offloaded experts) are stacked there, never passing through the device.
+    distinct = {key(g): g for g in groups if not _in_host_memory(g[0])}
     compiled = dict(zip(distinct, compile_all([stacker(g).lower(*g) for g in distinct.values()])))
     out = []
     for arrays in groups:
-        out.append(compiled[key(arrays)](*arrays))
+        if _in_host_memory(arrays[0]):
+            out.append(jax.device_put(np.stack([np.asarray(a) for a in arrays]), _stacked_sharding(arrays[0])))
+        else:
+            out.append(compiled[key(arrays)](*arrays))
         if free:
             for a in arrays:
                 a.delete()
