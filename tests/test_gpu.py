@@ -142,3 +142,19 @@ def test_compiled_prefill_attention_equals_reference(shape, dtype):
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
     assert np.all(np.asarray(out[-1], np.float32) == 0)
+
+
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_offloaded_experts_on_gpu_decode_the_same(quantization):
+    """offload_experts=True on the GPU: the experts in pinned host memory, copied in per layer as routed,
+    through the compiled kernels, give the device-resident model's tokens."""
+    kw = dict(dtype="float32", quantization=quantization, max_model_len=256, max_num_seqs=4)
+    ref, off = LLM(**kw), LLM(offload_experts=True, **kw)
+    assert any(leaf.sharding.memory_kind == "pinned_host" for leaf in jax.tree.leaves(off.runner.params))
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 2000, int(n)).tolist() for n in (1, 40, 100)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for batch in (prompts[:1], prompts):
+        got = off.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
+        want = ref.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
