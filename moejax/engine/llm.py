@@ -203,10 +203,20 @@ class LLM:
         block = min(PREFILL_BLOCK, page_size * 4)
         buckets = Buckets(max_decode=bucket(max_num_seqs), max_prefill=max(budget // block, 1) * block,
                           prefill_block=block)
-        self.runner = ModelRunner(
-            graphdef, state, self.mesh, num_pages=num_pages, page_size=page_size,
-            kv_dtype=self.kv_dtype, max_model_len=self.max_model_len, buckets=buckets, experts_axis=self.experts_axis,
-            matmul_precision="highest" if self.dtype == jnp.float32 else None)
+        try:
+            self.runner = ModelRunner(
+                graphdef, state, self.mesh, num_pages=num_pages, page_size=page_size,
+                kv_dtype=self.kv_dtype, max_model_len=self.max_model_len, buckets=buckets,
+                experts_axis=self.experts_axis, matmul_precision="highest" if self.dtype == jnp.float32 else None)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # The plan fitted but the allocator did not (fragmentation, or memory used outside the plan).
+            pool_gib = num_pages * page_size * plan.kv_bytes_per_token / 1024**3
+            raise ValueError(
+                f"kv_cache_tokens={capacity}: the KV cache's {pool_gib:.2f} GiB per device could not be "
+                f"allocated beside the weights ({str(e).splitlines()[0][:160]}); lower kv_cache_tokens or "
+                f"gpu_memory_utilization") from None
         del state
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
         self.eos_token_ids = set(c.eos_token_ids) | _generation_eos(model)

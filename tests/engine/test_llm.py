@@ -216,3 +216,18 @@ def test_cli_generate(text_model):
     bad = subprocess.run([sys.executable, "-m", "moejax.cli", "generate", text_model, "--top-p", "2"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "top_p" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_kv_pool_that_the_allocator_refuses_is_a_value_error(monkeypatch):
+    """The plan can fit while the allocator cannot (fragmentation at the edge of memory): a ValueError naming
+    kv_cache_tokens, not the runtime's out-of-memory error."""
+    import jax
+
+    from moejax.engine import runner
+
+    def refuse(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 27.47GiB")
+
+    monkeypatch.setattr(runner, "allocate_pool", refuse)
+    with pytest.raises(ValueError, match="kv_cache_tokens=4096: the KV cache's .* could not be allocated"):
+        LLM(dtype="float32", max_model_len=128, kv_cache_tokens=4096)
