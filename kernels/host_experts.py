@@ -5,9 +5,10 @@ The expert arrays live in pinned host memory (memory kind "pinned_host"), stacke
 device-resident ones (`LayerWeight`). Inside the jitted step a layer's routing gives at most C = min(E, T * k)
 distinct experts; each is a dynamic slice of the host stack copied to the device (XLA turns the slice of a host
 array into a host-to-device DMA of just those bytes), and the kernels run on the C fetched experts with the
-token's ids renumbered into them. When C = E (prefill-sized steps) the whole layer is copied at once. A
+token's ids renumbered into them. When C = E (prefill-sized steps) the whole layer is copied at once. A lone
 decode token thus moves k experts' bytes over PCIe per layer, quantized ones in their packed form (the kernels
-dequantize in registers), never the whole model.
+dequantize in registers). C is static, so a step copies C experts even when its tokens share some (a
+data-dependent copy count would need a loop whose trip count the GPU reads back each layer).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def fetch_routed(ids_TK: jax.Array, params: ExpertWeights, num_experts: int):
         local = {n: None if w is None else _layer(w) for n, w in fields.items()}
         return ExpertWeights(**local), ids_TK
     valid = (ids_TK >= 0) & (ids_TK < num_experts)
-    # [C] distinct routed experts in ascending order; unused slots (fewer distinct than C) repeat the last one
-    # routed, so their copy is of an expert already fetched rather than of one nobody asked for.
+    # [C] distinct routed experts in ascending order. The C copies are fixed by the step's shape: when fewer
+    # experts are routed (tokens sharing experts), the spare slots copy the last one again; no id maps to them.
     distinct_C = jnp.unique(jnp.where(valid, ids_TK, num_experts), size=capacity, fill_value=num_experts)
     last = jnp.max(jnp.where(distinct_C < num_experts, distinct_C, -1))
     fetch_C = jnp.where(distinct_C < num_experts, distinct_C, jnp.maximum(last, 0))

@@ -54,11 +54,11 @@ def test_llm_runs_on_dummy_weights_from_a_config_alone(tmp_path):
     out = llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4,
                                                                                     ignore_eos=True),
                        use_tqdm=False)
-    again = LLM(str(tmp_path), load_format="dummy", dtype="float32", max_model_len=64, max_num_seqs=2, seed=3)
-    ref = again.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(temperature=0, max_tokens=4,
-                                                                                      ignore_eos=True),
-                         use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 4
-    assert out[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    tokens = out[0].outputs[0].token_ids
+    assert len(tokens) == 4
+    ids = [5, 6, 7]  # the engine's tokens are the model's own greedy ones on these weights
+    for _ in range(4):
+        ids.append(int(np.argmax(llm.logits(ids)[-1])))
+    assert tokens == ids[3:]
     with pytest.raises(ValueError, match="load_format"):
         LLM(str(tmp_path), load_format="pickle")

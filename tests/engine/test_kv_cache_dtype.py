@@ -24,7 +24,8 @@ def _run(kv_cache_dtype, prompts):
 
 def test_fp8_pages_generate_within_fp8_error():
     rng = np.random.default_rng()
-    auto_llm, ref = _run("auto", prompts := [rng.integers(3, 2000, int(n)).tolist() for n in (5, 70, 120)])
+    prompts = [rng.integers(3, 2000, int(n)).tolist() for n in (5, 40, 70, 120)]
+    auto_llm, ref = _run("auto", prompts)
     fp8_llm, got = _run("fp8", prompts)
     assert fp8_llm.runner.pool.k.dtype == jnp.float8_e4m3fn
     assert fp8_llm.runner.pool.nbytes * 4 == auto_llm.runner.pool.nbytes  # float32 model: a quarter the bytes
@@ -43,7 +44,8 @@ def test_fp8_pages_generate_within_fp8_error():
     print("fp8 logprob error: max %.4f mean %.4f over %d tokens" % (diffs.max(), diffs.mean(), len(diffs)))
     # FP8's error: e4m3 keeps 3 mantissa bits (up to 6% a value); over keys and values of 2 layers that moved
     # the chosen tokens' logprobs by up to ~0.3 nats, ~0.04 on average, in trials. Broken pages move them by nats.
-    assert len(diffs) >= 12 and diffs.max() < 0.6 and diffs.mean() < 0.1, diffs
+    # Near ties end the comparison of a sequence early at times (random prompts): once 11 of 36 compared.
+    assert len(diffs) >= 10 and diffs.max() < 0.6 and diffs.mean() < 0.1, diffs
     assert diffs.max() > 0  # the pages really were FP8
 
 

@@ -30,8 +30,7 @@ def _placement(llm) -> tuple[int, int, int]:
     return device, host, misplaced
 
 
-@pytest.mark.parametrize("family, quantization", [("qwen3_moe", None), ("mixtral", None), ("deepseek", None),
-                                                  ("qwen3_moe", "int4")])
+@pytest.mark.parametrize("family, quantization", [("qwen3_moe", None), ("deepseek", None), ("mixtral", "int4")])
 def test_offloaded_experts_give_the_same_logits_and_tokens(hf_model_dir, tmp_path, monkeypatch, family,
                                                           quantization):
     from moejax.kernels import host_experts
@@ -61,10 +60,7 @@ def test_offloaded_experts_give_the_same_logits_and_tokens(hf_model_dir, tmp_pat
     got = off.generate(prompt_token_ids=PROMPTS, sampling_params=greedy, use_tqdm=False)
     want = ref.generate(prompt_token_ids=PROMPTS, sampling_params=greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    # Alone, a sequence decodes in one-token steps, which fetch only its k experts per layer.
-    got = off.generate(prompt_token_ids=PROMPTS[:1], sampling_params=greedy, use_tqdm=False)
-    want = ref.generate(prompt_token_ids=PROMPTS[:1], sampling_params=greedy, use_tqdm=False)
-    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    # Prefill steps fetch the whole layer; the two-sequence decode steps only their 2 * k experts per layer.
     num_experts = off.config.num_experts
     assert min(fetched) < num_experts and max(fetched) == num_experts
 
