@@ -77,3 +77,16 @@ def test_offload_bf16_tokens_and_bad_arguments(hf_model_dir):
         LLM(path, offload_experts="yes")
     with pytest.raises(ValueError, match="offload_experts=True runs on one device"):
         LLM(path, offload_experts=True, tensor_parallel_size=2)
+
+
+def test_offload_from_a_converted_checkpoint(hf_model_dir, tmp_path):
+    """A converted (Orbax) checkpoint restores its routed experts straight into host memory too."""
+    from moejax.checkpoints.convert import convert
+
+    out = str(tmp_path / "converted")
+    convert(hf_model_dir("qwen3_moe"), out, quantization="int4")
+    off, ref = LLM(out, offload_experts=True, max_model_len=64), LLM(out, max_model_len=64)
+    device, host, misplaced = _placement(off)
+    assert misplaced == 0 and host == off.memory_plan.host_weight_bytes
+    ids = [5, 9, 2, 7, 11]
+    np.testing.assert_allclose(off.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
