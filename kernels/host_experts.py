@@ -75,10 +75,9 @@ def fetch_routed(ids_TK: jax.Array, params: ExpertWeights, num_experts: int):
         return ExpertWeights(**local), ids_TK
     valid = (ids_TK >= 0) & (ids_TK < num_experts)
     # [C] distinct routed experts in ascending order. The C copies are fixed by the step's shape: when fewer
-    # experts are routed (tokens sharing experts), the spare slots copy the last one again; no id maps to them.
+    # experts are routed (tokens sharing experts), the spare slots (id E) copy expert E - 1; no id maps to them.
     distinct_C = jnp.unique(jnp.where(valid, ids_TK, num_experts), size=capacity, fill_value=num_experts)
-    last = jnp.max(jnp.where(distinct_C < num_experts, distinct_C, -1))
-    fetch_C = jnp.where(distinct_C < num_experts, distinct_C, jnp.maximum(last, 0))
+    fetch_C = jnp.minimum(distinct_C, num_experts - 1)
     local_ids = jnp.searchsorted(distinct_C, ids_TK).astype(jnp.int32)
     local_ids = jnp.where(valid, local_ids, -1)
     local = {n: None if w is None else _gather(w, fetch_C) for n, w in fields.items()}

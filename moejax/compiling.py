@@ -14,16 +14,19 @@ import os
 import jax
 
 
+def compile_threads() -> int:
+    """Threads that compile at once: MOEJAX_COMPILE_THREADS, or the host's cores."""
+    return int(os.environ.get("MOEJAX_COMPILE_THREADS", 0)) or os.cpu_count() or 1
+
+
 def compile_all(lowered: list[jax.stages.Lowered], threads: int | None = None) -> list[jax.stages.Compiled]:
-    """The compiled executables of `lowered`, in order, compiled on up to `threads` threads (default: the
-    host's cores, or MOEJAX_COMPILE_THREADS)."""
-    if threads is None:
-        threads = int(os.environ.get("MOEJAX_COMPILE_THREADS", 0)) or os.cpu_count() or 1
-    threads = max(1, min(threads, len(lowered)))
+    """The compiled executables of `lowered`, in order, compiled on up to `threads` threads (default:
+    `compile_threads()`)."""
+    threads = max(1, min(threads or compile_threads(), len(lowered)))
     if threads == 1:
         return [low.compile() for low in lowered]
     with concurrent.futures.ThreadPoolExecutor(threads) as workers:
         return list(workers.map(lambda low: low.compile(), lowered))
 
 
-__all__ = ["compile_all"]
+__all__ = ["compile_all", "compile_threads"]

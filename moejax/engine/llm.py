@@ -165,7 +165,6 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len or c.max_position_embeddings,
             max_num_seqs=max_num_seqs, model=model, kv_cache_dtype=kv_cache_dtype, offload_experts=offload_experts)
         plan = self.memory_plan
-        self.offload_experts = offload_experts
         capacity = plan.kv_cache_tokens if kv_cache_tokens is None else kv_cache_tokens
         self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 2)
         self._check_fits(kv_cache_tokens, plan_mesh)

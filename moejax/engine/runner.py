@@ -27,6 +27,7 @@ from moejax.engine.sampling import MAX_LOGPROBS, SamplingBatch, sample
 from moejax.engine.scheduler import ScheduledStep
 from moejax.layers.kv_cache import POOL_AXES, KVPool, PagedBatch, init_pool, pool_shape
 from moejax.layers.moe import routing_func
+from moejax.compiling import compile_threads
 from moejax.models.stacked import StackedModel
 from moejax.sharding.mesh import mesh_shape, sharding_for_axes
 from moejax.sharding.rules import EXPERT, TENSOR, experts_over
@@ -344,7 +345,7 @@ class ModelRunner:
         one after the other (tracing holds the GIL) and compiled by `threads` workers at once (XLA releases the
         GIL while it compiles). MOEJAX_COMPILE_THREADS sets the default (the machine's cores)."""
         if threads is None:
-            threads = int(os.environ.get("MOEJAX_COMPILE_THREADS", 0)) or os.cpu_count() or 1
+            threads = compile_threads()
         shapes = self.buckets.all_shapes()
         todo = [s for s in shapes if self._static(s) not in self._compiled]
         t0 = time.perf_counter()

@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 from moejax.compiling import compile_all
-
 from moejax.kernels.attention_reference import NO_WINDOW
 from moejax.kernels.layer_weight import LayerWeight
 from moejax.kernels.quant import QuantizedWeight
