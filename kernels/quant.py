@@ -148,8 +148,9 @@ def model_transform(quantization: str, dtype):
     bits = {"int8": 8, "int4": 4}[quantization]
 
     def transform(path, host):
+        """host: a numpy array (checkpoint loading) or a jax one (dummy weights, quantized on the device)."""
         if not should_quantize(path) or (bits == 4 and host.shape[-2] % 2):
             return host
-        return quantize(np.asarray(host), bits)
+        return quantize(host if isinstance(host, jax.Array) else np.asarray(host), bits)
 
     return transform

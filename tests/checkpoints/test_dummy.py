@@ -62,3 +62,34 @@ def test_llm_runs_on_dummy_weights_from_a_config_alone(tmp_path):
     assert tokens == ids[3:]
     with pytest.raises(ValueError, match="load_format"):
         LLM(str(tmp_path), load_format="pickle")
+
+
+def test_quantized_dummy_weights_are_the_float_draws_quantized_and_offload_to_host():
+    """With a quantization, each tensor is drawn as in float and quantized inside its initializer; offloaded
+    experts land in host memory that way and decode as the device-resident model does."""
+    from moejax.kernels.quant import QuantizedWeight, dequantize, model_transform
+
+    config = ModelConfig.from_file(TINY)
+    _, abstract = build_abstract(config, jax.numpy.float32)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    plain = dict(flat_params(dummy_state(abstract, sharding_for=lambda *_: device, seed=2)))
+    quant = dict(flat_params(dummy_state(abstract, sharding_for=lambda *_: device, seed=2,
+                                         transform=model_transform("int4", jax.numpy.float32))))
+    packed = 0
+    for path, var in quant.items():
+        value, want = var.get_value(), np.asarray(plain[path].get_value())
+        if isinstance(value, QuantizedWeight):
+            packed += 1
+            assert value.bits == 4 and value.values.dtype == np.uint8, path
+            got = np.asarray(dequantize(value))
+            # int4 with per-128 group scales: within half a step (max |w| / 7 / 2) of the float draw.
+            assert np.abs(got - want).max() <= np.abs(want).max() / 14 + 1e-6, path
+        else:
+            np.testing.assert_array_equal(np.asarray(value), want, err_msg=str(path))
+    assert packed >= 3
+
+    kw = dict(load_format="dummy", dtype="float32", quantization="int4", max_model_len=64, max_num_seqs=2, seed=2)
+    ref, off = LLM(TINY, **kw), LLM(TINY, offload_experts=True, **kw)
+    host = [leaf for leaf in jax.tree.leaves(off.runner.params) if leaf.sharding.memory_kind == "pinned_host"]
+    assert host and sum(a.nbytes for a in host) == off.memory_plan.host_weight_bytes
+    np.testing.assert_allclose(off.logits([5, 6, 7, 8]), ref.logits([5, 6, 7, 8]), rtol=1e-5, atol=1e-5)
