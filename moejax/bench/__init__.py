@@ -1,7 +1,8 @@
 """`moejax bench`: `generate` (moejax against transformers end to end, beside rooflines measured in the same run;
 see generate.py), `serve` (streaming clients against `moejax serve`, beside offline generate; serve.py),
-`kernels` (moejax.kernels.bench: the grouped expert matmuls and routing) and `attention`
-(moejax.kernels.attention_bench: decode and prefill-chunk attention over KV pages)."""
+`kernels` (moejax.kernels.bench: the grouped expert matmuls and routing), `attention`
+(moejax.kernels.attention_bench: decode and prefill-chunk attention over KV pages) and `offload` (routed experts
+in host memory beside the host-memory and PCIe bounds; offload.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moejax.bench import generate, serve
+    from moejax.bench import generate, offload, serve
 
-    p.add_argument("what", choices=["generate", "kernels", "serve", "attention"])
+    p.add_argument("what", choices=["generate", "kernels", "serve", "attention", "offload"])
     p.add_argument("config", nargs="?", help="config.json (or its directory) of the model shape, or a known model "
                    "name such as qwen3-30b-a3b (bench generate, bench serve: random weights), or a model "
                    "directory (bench serve)")
     p.add_argument("--json", default=None, help="also write all numbers here")
     generate.add_arguments(p)
     serve.add_arguments(p)
+    offload.add_arguments(p)
     kernels = p.add_argument_group("bench kernels")
     kernels.add_argument("--shapes", type=int, nargs="*", default=None, help="indices of the six shapes (default all)")
     kernels.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
@@ -50,6 +52,12 @@ def run(args) -> int:
         from moejax.bench import serve
 
         return serve.run(args)
+    if args.what == "offload":
+        from moejax.bench import offload
+
+        if not args.config:
+            raise ValueError("bench offload needs a config.json or a known model name")
+        return offload.run(args)
     if not args.config:
         raise ValueError("bench generate needs a config.json")
     from moejax.bench import generate

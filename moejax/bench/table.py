@@ -41,12 +41,13 @@ def lookup(engine: dict | None, path: tuple, error_keys: tuple = ()):
 
 
 class Table:
-    def __init__(self):
+    def __init__(self, columns: tuple[str, ...] = COLUMNS):
+        self.columns = tuple(columns)
         self.rows: list[tuple[str, list, str]] = []
 
     def add(self, label: str, *cells, fmt: str = "{:.2f}") -> None:
         """cells: one per column; a number (shown with fmt), a string, or a Missing."""
-        cells = list(cells) + [Missing()] * (len(COLUMNS) - len(cells))
+        cells = list(cells) + [Missing()] * (len(self.columns) - len(cells))
         self.rows.append((label, cells, fmt))
 
     @staticmethod
@@ -70,7 +71,7 @@ class Table:
                 else:
                     line.append(self._text(c, fmt))
             body.append(line)
-        header = ["measurement", *COLUMNS]
+        header = ["measurement", *self.columns]
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
         def fmt(r):
@@ -85,7 +86,7 @@ class Table:
         out = []
         for label, cells, _ in self.rows:
             row = {"measurement": label}
-            for name, c in zip(COLUMNS, cells):
+            for name, c in zip(self.columns, cells):
                 row[name] = None if isinstance(c, Missing) else c
                 if isinstance(c, Missing) and c.why:
                     row[f"{name} error" if c.error else f"{name} skipped"] = c.why
