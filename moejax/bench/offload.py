@@ -86,36 +86,41 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def pcie_rates(bulk_bytes: int, slice_bytes: int, slices: int, repeats: int = 5) -> dict:
-    """Host-to-device bytes per second: one bulk copy of a pinned-host array, and `slices` rows of `slice_bytes`
-    picked by device-computed indices from a pinned stack, each copied inside one jitted call (what
-    host_experts.fetch_routed does per weight)."""
+def pcie_rates(bulk_bytes: int, expert_bytes: int, top_k: int, repeats: int = 5) -> dict:
+    """Host-to-device bytes per second: one bulk copy of a pinned-host array; then rows picked by
+    device-computed indices from a pinned stack, each copied inside one jitted call, as
+    host_experts.fetch_routed does: 3k rows of a third of an expert (one per weight matrix, today's layout), and
+    k rows of a whole expert (what one contiguous row per expert would move)."""
     import jax
     import jax.numpy as jnp
 
     device = jax.local_devices()[0]
     host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
     to_device = jax.memory.Space.Device
-    out = {}
+    out = {"bulk_bytes": bulk_bytes}
     bulk = jax.device_put(np.ones(bulk_bytes // 4, np.float32), host)
     copy = jax.jit(lambda a: jax.device_put(a, to_device))
     out["bulk_bytes_per_s"] = bulk.nbytes / _median(lambda: copy(bulk), repeats)
     del bulk
-    rows = 4 * slices
-    stack = jax.device_put(np.ones((rows, slice_bytes // 4), np.float32), host)
 
-    @jax.jit
-    def gather(stack, ids):
-        picked = [jax.device_put(jax.lax.dynamic_index_in_dim(stack, ids[i], 0, keepdims=True), to_device)
-                  for i in range(slices)]
-        return jnp.concatenate(picked, axis=0)
+    def gather_rate(slices: int, slice_bytes: int) -> float:
+        rows = 4 * slices
+        stack = jax.device_put(np.ones((rows, max(slice_bytes // 4, 1)), np.float32), host)
 
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.choice(rows, slices, replace=False).astype(np.int32))
-    seconds = _median(lambda: gather(stack, ids), repeats)
-    out.update(gather_bytes_per_s=slices * stack.nbytes / rows / seconds, gather_slices=slices,
-               gather_slice_bytes=stack.nbytes // rows, bulk_bytes=bulk_bytes)
-    del stack
+        @jax.jit
+        def gather(stack, ids):
+            picked = [jax.device_put(jax.lax.dynamic_index_in_dim(stack, ids[i], 0, keepdims=True), to_device)
+                      for i in range(slices)]
+            return jnp.concatenate(picked, axis=0)
+
+        ids = jnp.asarray(np.random.default_rng(0).choice(rows, slices, replace=False).astype(np.int32))
+        seconds = _median(lambda: gather(stack, ids), repeats)
+        moved = slices * stack.nbytes / rows
+        del stack
+        return moved / seconds
+
+    out["gather_bytes_per_s"] = gather_rate(3 * top_k, expert_bytes // 3)
+    out["gather_whole_expert_bytes_per_s"] = gather_rate(top_k, expert_bytes)
     return out
 
 
@@ -140,11 +145,12 @@ def _device_bytes_in_use() -> int | None:
     return stats.get("bytes_in_use")
 
 
-def _host_rss_bytes() -> int | None:
+def _host_rss_bytes(field: str = "VmRSS") -> int | None:
+    """This process's resident host memory (VmRSS) or its peak so far (VmHWM)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -175,6 +181,7 @@ def measure_engine(model_dir: str, args, results: dict) -> None:
         "construct_s": time.perf_counter() - t0, "quantization": quantization, "max_model_len": max_model_len,
         "device_param_bytes": device, "host_param_bytes": host, "kv_pool_bytes": pool,
         "device_bytes_in_use": in_use, "device_bytes_before": before, "host_rss_bytes": _host_rss_bytes(),
+        "host_peak_rss_bytes": _host_rss_bytes("VmHWM"),
         "plan_weight_bytes_per_device": plan.weight_bytes_per_device, "plan_host_weight_bytes":
         plan.host_weight_bytes}
     _log(f"engine built in {results['engine']['construct_s']:.1f} s: {device / GIB:.2f} GiB on the device, "
@@ -233,7 +240,9 @@ def build_table(results: dict, costs: dict, batches: list[int], prefill_len: int
     table.add("host memory read (GB/s, best of threads)", Missing(), cell(host_bw and host_bw / 1e9, "host"))
     table.add("PCIe host->device bulk (GB/s)", Missing(), Missing(), cell(pcie_bw and pcie_bw / 1e9, "pcie"))
     gather = (results.get("pcie") or {}).get("gather_bytes_per_s")
-    table.add("PCIe, top-k expert slices inside jit (GB/s)", cell(gather and gather / 1e9, "pcie"))
+    table.add("PCIe, 3k slices of 1/3 expert inside jit (GB/s)", cell(gather and gather / 1e9, "pcie"))
+    whole = (results.get("pcie") or {}).get("gather_whole_expert_bytes_per_s")
+    table.add("PCIe, k slices of a whole expert inside jit (GB/s)", cell(whole and whole / 1e9, "pcie"))
     def pair(a, b, what):
         if eng.get(a) is None:
             return cell(None, "engine")
@@ -242,6 +251,7 @@ def build_table(results: dict, costs: dict, batches: list[int], prefill_len: int
     table.add("device params, GiB (the plan's)", pair("device_param_bytes", "plan_weight_bytes_per_device", "plan"))
     table.add("host params, GiB (the plan's)", pair("host_param_bytes", "plan_host_weight_bytes", "plan"))
     table.add("device memory in use, GiB (KV pool)", pair("device_bytes_in_use", "kv_pool_bytes", "pool"))
+    table.add("host memory resident, GiB (peak while loading)", pair("host_rss_bytes", "host_peak_rss_bytes", "peak"))
     moe, e, k, xb = costs["moe_layers"], costs["num_experts"], costs["top_k"], costs["expert_bytes"]
     scale = full_moe_layers / moe if moe else 1.0
 
@@ -302,8 +312,8 @@ def run(args) -> int:
             json.dump(hf, f)
         for name, fn in (
             ("host", lambda: host_read_bandwidth(int(args.host_gib * GIB), threads)),
-            ("pcie", lambda: pcie_rates(int(min(args.host_gib, 1.0) * GIB),
-                                        int(min(costs["expert_bytes"] / 3, 64 * 2**20)), 3 * costs["top_k"])),
+            ("pcie", lambda: pcie_rates(int(min(args.host_gib, 1.0) * GIB), int(min(costs["expert_bytes"], 2**28)),
+                                        costs["top_k"])),
             ("engine", lambda: measure_engine(model_dir, args, results)),
         ):
             _log(name)

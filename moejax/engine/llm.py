@@ -15,6 +15,8 @@ import numpy as np
 from moejax.checkpoints.hf import load_hf_state
 from moejax.config import ModelConfig
 from moejax.engine.engine import LLMEngine
+from moejax.engine.host_memory import (PINNED_POOL_ENV, available_host_memory, pinned_pool_bytes,
+                                       size_pinned_pool)
 from moejax.engine.outputs import RequestOutput
 from moejax.engine.runner import Buckets, ModelRunner, bucket
 from moejax.engine.sampling import SamplingParams
@@ -95,9 +97,6 @@ class LLM:
         if offload_experts and (tensor_parallel_size, expert_parallel_size, data_parallel_size) != (1, 1, 1):
             raise ValueError("offload_experts=True runs on one device: tensor_parallel_size, "
                              "expert_parallel_size and data_parallel_size must be 1")
-        if offload_experts and HOST_MEMORY not in {m.kind for m in jax.local_devices()[0].addressable_memories()}:
-            raise ValueError(f"offload_experts=True: the {jax.default_backend()} device has no {HOST_MEMORY!r} "
-                             "memory to hold the experts")
         for name, value, default in (("pipeline_parallel_size", pipeline_parallel_size, 1),
                                      ("enable_dp_attention", enable_dp_attention, False)):
             if value != default:
@@ -125,6 +124,14 @@ class LLM:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if offload_experts:
+            # XLA's pinned pool is sized when the GPU backend starts, so before anything touches the devices
+            host_bytes = plan_memory(c, dtype=dtype, quantization=quantization, offload_experts=True,
+                                     suggest=False, max_model_len=2, max_num_seqs=1).host_weight_bytes
+            size_pinned_pool(host_bytes)
+            if HOST_MEMORY not in {m.kind for m in jax.local_devices()[0].addressable_memories()}:
+                raise ValueError(f"offload_experts=True: the {jax.default_backend()} device has no "
+                                 f"{HOST_MEMORY!r} memory to hold the experts")
         for name, value in (("tensor_parallel_size", tensor_parallel_size),
                             ("expert_parallel_size", expert_parallel_size),
                             ("data_parallel_size", data_parallel_size), ("max_num_seqs", max_num_seqs),
@@ -210,6 +217,11 @@ class LLM:
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
+            if "Out of host memory" in str(e):
+                raise ValueError(
+                    f"offload_experts=True: {plan.host_weight_bytes / 1024**3:.2f} GiB of routed experts did not "
+                    f"fit XLA's pinned host memory pool of {pinned_pool_bytes() / 1024**3:.0f} GiB; set "
+                    f"{PINNED_POOL_ENV} (GiB) before jax starts, or quantize the experts") from None
             # The plan fitted but the allocator did not (fragmentation, or memory used outside the plan).
             pool_gib = num_pages * page_size * plan.kv_bytes_per_token / 1024**3
             raise ValueError(
@@ -231,6 +243,12 @@ class LLM:
         plan = self.memory_plan
         gib = 1024**3
         host_free = available_host_memory()
+        on_gpu = jax.default_backend() == "gpu"
+        if plan.host_weight_bytes and on_gpu and plan.host_weight_bytes > pinned_pool_bytes():
+            raise ValueError(f"model {self.model_path!r} does not fit: offload_experts=True keeps "
+                             f"{plan.host_weight_bytes / gib:.2f} GiB of routed experts in pinned host memory, and "
+                             f"XLA's pool of it is capped at {pinned_pool_bytes() / gib:.0f} GiB; set "
+                             f"{PINNED_POOL_ENV} (GiB) before jax starts, or quantize the experts")
         if plan.host_weight_bytes and host_free is not None and plan.host_weight_bytes > host_free:
             raise ValueError(f"model {self.model_path!r} does not fit: offload_experts=True keeps "
                              f"{plan.host_weight_bytes / gib:.2f} GiB of routed experts in host memory, which has "
@@ -411,18 +429,6 @@ def enable_compilation_cache() -> None:
     except OSError:
         return
     jax.config.update("jax_compilation_cache_dir", where)
-
-
-def available_host_memory() -> int | None:
-    """Bytes of host memory available now (MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def device_memory_bytes() -> int:

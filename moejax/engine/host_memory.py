@@ -1,0 +1,67 @@
+"""Host memory for offloaded experts: what is free, and XLA's pool of pinned host memory.
+
+XLA keeps GPU-visible ("pinned_host") buffers in one BFC pool whose cap, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (64 GiB
+by default), is read once when the GPU backend starts. The pool grows in regions that double in size each time it
+grows, up to the cap, and never gives memory back; with a cap at the host's RAM, loading 38 GiB of experts left
+84 GiB pinned. So the engine sets the cap, before the backend starts, to what offloading needs: the experts plus
+one stacked weight of them (stacking the layers holds both for a moment) and a margin.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+PINNED_POOL_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+XLA_DEFAULT_POOL_GIB = 64
+GIB = 1024**3
+
+
+def pinned_pool_bytes() -> int:
+    """The cap of XLA's pinned host memory pool as this process's environment gives it."""
+    try:
+        return int(os.environ.get(PINNED_POOL_ENV, XLA_DEFAULT_POOL_GIB)) * GIB
+    except ValueError:
+        return XLA_DEFAULT_POOL_GIB * GIB
+
+
+def pool_bytes_for(host_weight_bytes: int, weights_per_expert: int = 3) -> int:
+    """The pinned pool that holds `host_weight_bytes` of experts while they are stacked: all of them, plus the
+    largest stacked weight (at most a third of a gated expert's bytes), 5% and 2 GiB more."""
+    return int((host_weight_bytes * (1 + 1 / weights_per_expert)) * 1.05) + 2 * GIB
+
+
+def size_pinned_pool(host_weight_bytes: int) -> int | None:
+    """Set PINNED_POOL_ENV for `host_weight_bytes` of offloaded experts (capped at the host's RAM), unless the
+    user set it or a backend already started (then the pool is what it is); returns the GiB set, or None."""
+    import jax._src.xla_bridge as xla_bridge
+
+    if PINNED_POOL_ENV in os.environ or xla_bridge.backends_are_initialized():
+        return None
+    gib = math.ceil(pool_bytes_for(host_weight_bytes) / GIB)
+    total = total_host_memory()
+    if total is not None:
+        gib = min(gib, total // GIB)
+    gib = max(gib, 1)
+    os.environ[PINNED_POOL_ENV] = str(gib)
+    return gib
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available now (MemAvailable), or None where it cannot be read."""
+    return _meminfo("MemAvailable")
+
+
+def total_host_memory() -> int | None:
+    return _meminfo("MemTotal")
