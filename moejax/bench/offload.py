@@ -2,6 +2,7 @@
 beside the bounds that the host's memory and the PCIe link set, both measured in the same run.
 
 In one process, in this order:
+  0. XLA's pinned host pool sized for the experts (engine/host_memory.py), before anything starts the backend;
   1. host memory read bandwidth: numpy sums over a large buffer, by thread count (the best is the bound a
      host-side expert compute could reach);
   2. PCIe host-to-device: one bulk pinned-host copy, and the engine's own pattern (top-k dynamic slices of an
@@ -304,6 +305,11 @@ def run(args) -> int:
     deepseek = config.family.startswith("deepseek") and config.num_experts == 256
     threads = args.host_threads or sorted({1, 4, 8, os.cpu_count() or 1})
     results: dict = {"config": args.config, "layers": config.num_layers, "costs": costs, "errors": {}}
+    # The rates below start the GPU backend, which fixes the pinned pool's size: size it for the engine first.
+    from moejax.engine.host_memory import pinned_pool_bytes, size_pinned_pool
+
+    size_pinned_pool(int(costs["expert_bytes"] * config.num_experts * config.num_moe_layers) + 2 * GIB)
+    results["pinned_pool_bytes"] = pinned_pool_bytes()
     work = tempfile.mkdtemp(prefix="moejax-bench-offload-")
     try:
         model_dir = os.path.join(work, "model")
