@@ -13,7 +13,10 @@ data-dependent copy count would need a loop whose trip count the GPU reads back 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +68,71 @@ def _gather(w, experts_C):
     return jax.tree.map(lambda a: take(a, None), w)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertCache:
+    """Device copies of some offloaded experts of a run of layers: `weights` holds S slots per layer ([L, S, ...]
+    leaves, the host experts' stored form) and `slot_of` [L, E] int32 the slot of each expert, -1 where it is
+    only in host memory. Filled between steps (`fill`); read inside the step by `fetch_routed`."""
+
+    weights: ExpertWeights
+    slot_of: jax.Array
+
+
+_ACTIVE_CACHE: contextvars.ContextVar = contextvars.ContextVar("moejax_expert_cache", default=None)
+
+
+@contextlib.contextmanager
+def layer_cache(cache: ExpertCache | None, layer):
+    """While tracing one layer: the run's expert cache and the (traced) layer index that fetch_routed uses."""
+    token = _ACTIVE_CACHE.set(None if cache is None else (cache, layer))
+    try:
+        yield
+    finally:
+        _ACTIVE_CACHE.reset(token)
+
+
+def _host_rows(w, layer, expert):
+    """One expert of one weight (all its arrays), copied from the host stack: [1, ...] on the device."""
+    a_layer = w.layer if isinstance(w, LayerWeight) else layer
+    stacked = w.stacked if isinstance(w, LayerWeight) else w
+
+    def take(a):
+        start = (a_layer, expert) + (0,) * (a.ndim - 2)
+        return _to_device(jax.lax.dynamic_slice(a, start, (1, 1, *a.shape[2:]))[0])
+
+    return jax.tree.map(take, stacked)
+
+
+def _fetch_with_cache(fields: dict, fetch_C, cache: ExpertCache, layer) -> dict:
+    """The C experts fetch_C: each from the device cache where it has a slot, else copied from the host. The
+    misses are copied in a loop whose trip count is the number of misses, so a hit moves no PCIe bytes."""
+    slot_C = cache.slot_of[layer][fetch_C]
+    hit_C = slot_C >= 0
+    # a gather of C rows of [L, S, ...] (not a slice of the layer first: that would copy its S slots)
+    cached = {n: None if w is None else jax.tree.map(
+        lambda a: a[layer, jnp.maximum(slot_C, 0)], getattr(cache.weights, n)) for n, w in fields.items()}
+    misses = jnp.sum(~hit_C)
+    order_C = jnp.argsort(hit_C, stable=True)  # misses first
+
+    def copy_miss(i, local):
+        c = order_C[i]
+        out = {}
+        for n, w in fields.items():
+            if w is None:
+                out[n] = None
+                continue
+            row = _host_rows(w, layer, fetch_C[c])
+            out[n] = jax.tree.map(lambda buf, r: jax.lax.dynamic_update_index_in_dim(buf, r, c, 0),
+                                  local[n], row)
+        return out
+
+    return jax.lax.fori_loop(0, misses, copy_miss, cached)
+
+
 def fetch_routed(ids_TK: jax.Array, params: ExpertWeights, num_experts: int):
     """-> (the experts ids_TK routes to, on the device, as ExpertWeights of C experts; ids_TK renumbered into
-    them, -1 where an id was outside [0, E))."""
+    them, -1 where an id was outside [0, E)). Inside `layer_cache` the cached experts come from the device."""
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
     capacity = min(num_experts, ids_TK.size)
     if capacity == num_experts:
@@ -80,8 +145,62 @@ def fetch_routed(ids_TK: jax.Array, params: ExpertWeights, num_experts: int):
     fetch_C = jnp.minimum(distinct_C, num_experts - 1)
     local_ids = jnp.searchsorted(distinct_C, ids_TK).astype(jnp.int32)
     local_ids = jnp.where(valid, local_ids, -1)
-    local = {n: None if w is None else _gather(w, fetch_C) for n, w in fields.items()}
+    active = _ACTIVE_CACHE.get()
+    if active is not None:
+        local = _fetch_with_cache(fields, fetch_C, *active)
+    else:
+        local = {n: None if w is None else _gather(w, fetch_C) for n, w in fields.items()}
     return ExpertWeights(**local), local_ids
 
 
-__all__ = ["fetch_routed", "on_host"]
+def empty_cache(host: ExpertWeights, slots: int) -> ExpertCache:
+    """A cache of `slots` experts per layer for the host stack `host` ([L, E, ...] leaves), every slot empty
+    (slot_of all -1), in device memory."""
+    def zeros(a):
+        return jnp.zeros((a.shape[0], slots, *a.shape[2:]), a.dtype, device=_device_of(a))
+
+    leaves = {f.name: None if getattr(host, f.name) is None else jax.tree.map(zeros, getattr(host, f.name))
+              for f in dataclasses.fields(host)}
+    first = jax.tree.leaves(host)[0]
+    s = first.sharding
+    table = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(), memory_kind="device") \
+        if isinstance(s, jax.sharding.NamedSharding) else s.with_memory_kind("device")
+    slot_of = jnp.full((first.shape[0], first.shape[1]), -1, jnp.int32, device=table)
+    return ExpertCache(ExpertWeights(**leaves), slot_of)
+
+
+def _device_of(a):
+    """The device-memory form of host array a's sharding."""
+    return a.sharding.with_memory_kind("device")
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _fill(cache: ExpertCache, host: ExpertWeights, layers_U, slots_U, experts_U, slot_of):
+    def put(buf, stacked, u):
+        start = (layers_U[u], experts_U[u]) + (0,) * (stacked.ndim - 2)
+        row = _to_device(jax.lax.dynamic_slice(stacked, start, (1, 1, *stacked.shape[2:])))
+        return jax.lax.dynamic_update_slice(buf, row, (layers_U[u], slots_U[u]) + (0,) * (buf.ndim - 2))
+
+    weights = cache.weights
+    for u in range(layers_U.shape[0]):
+        weights = jax.tree.map(lambda b, h, u=u: put(b, h, u), weights, host)
+    return ExpertCache(weights, slot_of)
+
+
+def fill(cache: ExpertCache, host: ExpertWeights, updates, slot_of_LE) -> ExpertCache:
+    """cache with experts copied in from the host stack: updates is a list of (layer, slot, expert); slot_of_LE
+    the new [L, E] table (numpy). The update count is rounded up to a power of two (repeating the last update),
+    so few programs compile."""
+    import numpy as np
+
+    n = 1 << max(len(updates) - 1, 0).bit_length() if updates else 0
+    table = jax.device_put(np.asarray(slot_of_LE, np.int32), cache.slot_of.sharding)
+    if not n:
+        return ExpertCache(cache.weights, table)
+    rows = np.asarray(list(updates) + [updates[-1]] * (n - len(updates)), np.int32)
+    shardings = jax.tree.map(lambda a: a.sharding, cache)
+    # the step's compiled executables take the cache in its own shardings
+    return jax.device_put(_fill(cache, host, rows[:, 0], rows[:, 1], rows[:, 2], table), shardings)
+
+
+__all__ = ["ExpertCache", "empty_cache", "fetch_routed", "fill", "layer_cache", "on_host"]

@@ -21,6 +21,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-top-k", type=int, default=None, help="experts per token instead of the model's")
     p.add_argument("--offload-experts", action="store_true",
                    help="keep the routed experts in host memory; each step copies in the ones it routes to")
+    p.add_argument("--offload-cache-experts", type=int, default=0, metavar="S",
+                   help="with --offload-experts: also keep each MoE layer's S most used experts on the device")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -50,7 +52,7 @@ def load_llm(args):
                expert_parallel_size=args.ep, data_parallel_size=args.dp, max_model_len=args.max_model_len,
                enable_expert_parallel=args.enable_expert_parallel,
                kv_cache_dtype=args.kv_cache_dtype, moe_top_k=args.moe_top_k, seed=args.seed,
-               offload_experts=args.offload_experts)
+               offload_experts=args.offload_experts, offload_cache_experts=args.offload_cache_experts)
 
 
 def sampling(args):

@@ -33,8 +33,10 @@ class _Request:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, *, max_model_len: int, vocab_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_prefix_caching: bool, tokenizer=None, eos_token_ids: set[int] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, expert_cache=None):
         self.runner = runner
+        # The device cache of offloaded experts (expert_cache.ExpertCachePolicy): fed every step's expert counts
+        self.expert_cache = expert_cache
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
@@ -137,7 +139,7 @@ class LLMEngine:
     def count_experts(self, enabled: bool = True) -> None:
         """Count the tokens each MoE layer routes to each expert, on the device inside every step (read back
         with the step's tokens); `take_expert_counts` collects them. New step variants compile (warm up again)."""
-        self.runner.count_experts = enabled
+        self.runner.count_experts = enabled or self.expert_cache is not None
         self.runner.warmed_up = False
         self._expert_counts = None
 
@@ -155,6 +157,8 @@ class LLMEngine:
         if flight.expert_counts is not None:
             counts = np.asarray(flight.expert_counts, np.int64)
             self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
+            if self.expert_cache is not None:
+                self.expert_cache.observe(counts)
         now = time.perf_counter()
         changed = {}
         for row, seq, index in flight.rows:

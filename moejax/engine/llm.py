@@ -66,6 +66,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         load_format: str = "auto",
         offload_experts: bool = False,
+        offload_cache_experts: int = 0,
         moe_top_k: int | None = None,
         pipeline_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
@@ -97,6 +98,12 @@ class LLM:
         if offload_experts and (tensor_parallel_size, expert_parallel_size, data_parallel_size) != (1, 1, 1):
             raise ValueError("offload_experts=True runs on one device: tensor_parallel_size, "
                              "expert_parallel_size and data_parallel_size must be 1")
+        if not isinstance(offload_cache_experts, int) or isinstance(offload_cache_experts, bool) or \
+                offload_cache_experts < 0:
+            raise ValueError(f"offload_cache_experts must be a non-negative integer, got {offload_cache_experts!r}")
+        if offload_cache_experts and not offload_experts:
+            raise ValueError("offload_cache_experts caches offloaded experts on the device: it needs "
+                             "offload_experts=True")
         for name, value, default in (("pipeline_parallel_size", pipeline_parallel_size, 1),
                                      ("enable_dp_attention", enable_dp_attention, False)):
             if value != default:
@@ -106,6 +113,9 @@ class LLM:
         self.model_path = model
         self.config = with_top_k(ModelConfig.from_file(model), moe_top_k)
         c = self.config
+        if offload_cache_experts > c.num_experts:
+            raise ValueError(f"offload_cache_experts={offload_cache_experts} exceeds the model's "
+                             f"{c.num_experts} experts per layer")
         from moejax.checkpoints import orbax_store
 
         converted = load_format == "auto" and orbax_store.is_converted(model)
@@ -170,7 +180,8 @@ class LLM:
         self.memory_plan = plan_memory(
             c, mesh=plan_mesh, dtype=dtype, quantization=quantization, device_memory_bytes=device_memory_bytes(),
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len or c.max_position_embeddings,
-            max_num_seqs=max_num_seqs, model=model, kv_cache_dtype=kv_cache_dtype, offload_experts=offload_experts)
+            max_num_seqs=max_num_seqs, model=model, kv_cache_dtype=kv_cache_dtype, offload_experts=offload_experts,
+            offload_cache_experts=offload_cache_experts)
         plan = self.memory_plan
         capacity = plan.kv_cache_tokens if kv_cache_tokens is None else kv_cache_tokens
         self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 2)
@@ -229,12 +240,18 @@ class LLM:
                 f"allocated beside the weights ({str(e).splitlines()[0][:160]}); lower kv_cache_tokens or "
                 f"gpu_memory_utilization") from None
         del state
+        expert_cache = None
+        if offload_cache_experts:
+            from moejax.engine.expert_cache import ExpertCachePolicy
+
+            expert_cache = ExpertCachePolicy(self.runner, offload_cache_experts)
+            self.runner.count_experts = True
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
         self.eos_token_ids = set(c.eos_token_ids) | _generation_eos(model)
         self.llm_engine = LLMEngine(
             self.runner, max_model_len=self.max_model_len, vocab_size=c.vocab_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(budget, block), enable_prefix_caching=enable_prefix_caching,
-            tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, seed=seed)
+            tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, seed=seed, expert_cache=expert_cache)
         if warmup:
             self.warmup()
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.compiling import compile_all
+from moejax.kernels import host_experts
 from moejax.kernels.attention_reference import NO_WINDOW
 from moejax.kernels.layer_weight import LayerWeight
 from moejax.kernels.quant import QuantizedWeight
@@ -91,8 +92,20 @@ def _split_in_place(run_params: nnx.State) -> tuple[nnx.State, nnx.State]:
     return scanned, in_place
 
 
+def run_experts(run_params: nnx.State):
+    """The routed expert weights of a run's stacked state as ExpertWeights ([L, E, ...] leaves), or None."""
+    from moejax.kernels.experts import ExpertWeights
+
+    _, in_place = _split_in_place(run_params)
+    found = {path[-1]: var.get_value() for path, var in nnx.to_flat_state(in_place)}
+    if "w_gate" not in found:
+        return None
+    return ExpertWeights(**{k: found.get(k) for k in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")})
+
+
 class StackedModel:
-    """Pure functions over `params` = {"top": embeddings, final norm, lm_head; "runs": stacked layer states}."""
+    """Pure functions over `params` = {"top": embeddings, final norm, lm_head; "runs": stacked layer states;
+    optionally "caches": per run a host_experts.ExpertCache of its offloaded experts, or None}."""
 
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, *, free_source: bool = True):
         model = nnx.merge(graphdef, state)
@@ -139,21 +152,24 @@ class StackedModel:
         top = nnx.merge(self.top_graphdef, params["top"])
         x = top.embed(tokens_T[None])
         positions_BT = positions_T[None]
-        for run, run_params in zip(self.runs, params["runs"]):
+        # Device caches of offloaded experts, one per run or None (engine/expert_cache.py)
+        caches = params.get("caches") or [None] * len(self.runs)
+        for run, run_params, cache in zip(self.runs, params["runs"], caches):
             layers = jnp.arange(run.start, run.stop)
             scanned, in_place = _split_in_place(run_params)
             xs = (scanned, jnp.arange(run.stop - run.start), layers, jnp.asarray(self.windows[run.start:run.stop]))
 
             # The pools are read-only inside the scan; each layer's new keys and values come out as the scan's
             # outputs and are written with one scatter per run, in place into the donated pools.
-            def body(x, xs, run=run, pool=pool, in_place=in_place):
+            def body(x, xs, run=run, pool=pool, in_place=in_place, cache=cache):
                 layer_params, j, i, window = xs
                 # Expert weights stay stacked: the expert kernels read layer j of the stack in place.
                 stacked = jax.tree.map(lambda w: LayerWeight(w, j), in_place,
                                        is_leaf=lambda w: isinstance(w, QuantizedWeight))
                 layer = nnx.merge(run.graphdef, layer_params, stacked)
                 kv = None if pool is None else LayerKV(pool, batch, i)
-                x, kv, routing = layer(x, positions_BT, kv, window, i)
+                with host_experts.layer_cache(cache, j):
+                    x, kv, routing = layer(x, positions_BT, kv, window, i)
                 ys = {"kv": None if kv is None else (kv.k_TKD, kv.v_TKD)}
                 if count_experts and routing is not None:
                     valid_T = (positions_BT[0] >= 0).astype(jnp.int32)

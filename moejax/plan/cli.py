@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="auto: the model's dtype; fp8: e4m3 pages, twice the tokens")
     p.add_argument("--offload-experts", action="store_true", help="keep routed experts in host memory")
+    p.add_argument("--offload-cache-experts", type=int, default=0, metavar="S",
+                   help="with --offload-experts: each MoE layer's S most used experts also on the device")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per device (default 80)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -35,6 +37,9 @@ def run(args) -> int:
     for name in ("tp", "ep", "dp", "max_num_seqs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.offload_cache_experts < 0 or (args.offload_cache_experts and not args.offload_experts):
+        raise ValueError(f"--offload-cache-experts {args.offload_cache_experts}: a non-negative count, and only with "
+                         "--offload-experts")
     if args.gpu_memory <= 0:
         raise ValueError(f"--gpu-memory must be positive, got {args.gpu_memory}")
     if args.max_model_len is not None and args.max_model_len < 1:
@@ -49,6 +54,7 @@ def run(args) -> int:
     mesh = Mesh(args.tp, args.ep, args.dp, expert_over_tp=args.enable_expert_parallel)
     plan = plan_memory(config, mesh=mesh, dtype=args.dtype,
                        quantization=args.quantization, offload_experts=args.offload_experts,
+                       offload_cache_experts=args.offload_cache_experts,
                        device_memory_bytes=int(args.gpu_memory * GIB),
                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, model=args.model if path != args.model else os.path.basename(os.path.normpath(path)),
@@ -72,7 +78,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"mesh tp={m.tp} ep={m.ep} dp={m.dp}{' (experts over tp)' if m.expert_over_tp else ''} "
         f"({m.devices} devices), weights {plan.dtype}"
         + (f", quantization {plan.quantization}" if plan.quantization else "")
-        + (", routed experts offloaded to host" if plan.offload_experts else ""),
+        + (", routed experts offloaded to host" if plan.offload_experts else "")
+        + (f" ({plan.offload_cache_experts} per layer cached on the device)" if plan.offload_cache_experts else ""),
         "",
         f"{'kind':<16}{'parameters':>16}{'bytes per device':>20}",
     ]

@@ -141,6 +141,7 @@ class MemoryPlan:
     fits: bool
     suggestion: str | None = None
     kv_cache_dtype: str = "auto"
+    offload_cache_experts: int = 0  # experts per MoE layer also kept on the device (counted in the weights)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -156,6 +157,7 @@ def plan_memory(
     dtype: str = "bfloat16",
     quantization: str | None = None,
     offload_experts: bool = False,
+    offload_cache_experts: int = 0,
     device_memory_bytes: int = 80 * GIB,
     gpu_memory_utilization: float = 0.9,
     max_model_len: int | None = None,
@@ -184,6 +186,10 @@ def plan_memory(
             host += tensor_bytes_per_device(t, dtype, quantization, Mesh())
             continue
         by_kind[t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh)
+    if offload_cache_experts and host:
+        # the device cache: S of the E experts of every MoE layer, and each layer's [E] int32 slot table
+        by_kind["routed_experts"] += host * offload_cache_experts // config.num_experts + \
+            4 * config.num_moe_layers * config.num_experts
     weights = sum(by_kind.values())
     kv_token = kv_bytes_per_token(config, dtype, mesh, kv_cache_dtype)
     budget = int(device_memory_bytes * gpu_memory_utilization)
@@ -197,7 +203,8 @@ def plan_memory(
         host_weight_bytes=host, kv_bytes_per_token=kv_token, device_memory_bytes=device_memory_bytes,
         gpu_memory_utilization=gpu_memory_utilization, workspace_bytes=workspace, kv_cache_bytes=kv_bytes,
         kv_cache_tokens=int(kv_tokens), max_model_len=max_model_len,
-        max_concurrency=kv_tokens / max_model_len, fits=fits, kv_cache_dtype=kv_cache_dtype)
+        max_concurrency=kv_tokens / max_model_len, fits=fits, kv_cache_dtype=kv_cache_dtype,
+        offload_cache_experts=offload_cache_experts if offload_experts else 0)
     if not fits and suggest:
         plan = dataclasses.replace(plan, suggestion=smallest_fix(plan, config, max_num_seqs))
     return plan
@@ -220,6 +227,7 @@ def check_divisible(config: ModelConfig, mesh: Mesh) -> None:
 def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> str | None:
     """The first change, in order of how little it changes, that makes the plan fit."""
     kw = dict(dtype=plan.dtype, quantization=plan.quantization, offload_experts=plan.offload_experts,
+              offload_cache_experts=plan.offload_cache_experts,
               device_memory_bytes=plan.device_memory_bytes, gpu_memory_utilization=plan.gpu_memory_utilization,
               max_model_len=plan.max_model_len, max_num_seqs=max_num_seqs, suggest=False,
               kv_cache_dtype=plan.kv_cache_dtype)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-enable-prefix-caching", dest="prefix_caching", action="store_false")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--offload-experts", action="store_true")
+    p.add_argument("--offload-cache-experts", type=int, default=0, metavar="S",
+                   help="with --offload-experts: also keep each MoE layer's S most used experts on the device")
     p.add_argument("--moe-top-k", type=int, default=None, help="experts per token instead of the model's")
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--enable-dp-attention", action="store_true")
@@ -63,7 +65,8 @@ def run(args) -> int:
               gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_tokens=args.kv_cache_tokens,
               page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
               enable_prefix_caching=args.prefix_caching, load_format=args.load_format,
-              offload_experts=args.offload_experts, enable_expert_parallel=args.enable_expert_parallel,
+              offload_experts=args.offload_experts, offload_cache_experts=args.offload_cache_experts,
+              enable_expert_parallel=args.enable_expert_parallel,
               enable_dp_attention=args.enable_dp_attention, moe_top_k=args.moe_top_k, seed=args.seed)
     name = args.served_model_name or (args.model.rstrip("/") if args.model else "moejax-default")
     app = build_app(llm, served_model_name=name, api_key=args.api_key, chat_template=template,

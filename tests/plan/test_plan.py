@@ -134,3 +134,18 @@ def test_inventory_and_bytes_for_mla_and_gpt_oss(tmp_path, family):
         assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
         ref = LLM(path).logits(list(range(3, 20)))
         assert np.abs(llm.logits(list(range(3, 20))) - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_expert_cache_is_counted_on_the_device():
+    """DeepSeek-V3 int4 with 64 of its 256 experts per layer cached: a quarter of the host's expert bytes and
+    one int32 slot table per MoE layer join the device's weights; the host keeps every expert."""
+    config = ModelConfig.from_file(known_models.resolve("deepseek-v3"))
+    kw = dict(quantization="int4", offload_experts=True, max_model_len=4096, max_num_seqs=16,
+              device_memory_bytes=141 * GIB)
+    plain = plan_memory(config, **kw)
+    cached = plan_memory(config, offload_cache_experts=64, **kw)
+    assert cached.host_weight_bytes == plain.host_weight_bytes
+    assert cached.weight_bytes_per_device - plain.weight_bytes_per_device == \
+        plain.host_weight_bytes // 4 + 4 * 58 * 256
+    assert cached.kv_cache_tokens < plain.kv_cache_tokens and cached.offload_cache_experts == 64
+    assert plan_memory(config, offload_cache_experts=64, **dict(kw, offload_experts=False)).offload_cache_experts == 0

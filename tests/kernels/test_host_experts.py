@@ -1,0 +1,55 @@
+"""host_experts: the experts a step routes to, brought from host memory, from the device cache where it holds
+them; either way the same weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.kernels import host_experts as hx
+from moejax.kernels.experts import ExpertWeights
+from moejax.kernels.layer_weight import LayerWeight
+from moejax.kernels.quant import quantize
+
+
+def _host_stack(rng, layers, experts, d, f, bits):
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+
+    def weight(shape):
+        w = rng.standard_normal((layers, experts, *shape)).astype(np.float32)
+        stored = w if bits is None else quantize(w, bits)
+        return jax.device_put(stored, host)
+
+    return ExpertWeights(weight((d, f)), weight((d, f)), weight((f, d)))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_cached_and_host_experts_are_the_same_weights(bits):
+    rng = np.random.default_rng(0)
+    layers, experts, slots = 3, 8, 3
+    host = _host_stack(rng, layers, experts, 16, 8, bits)
+    cache = hx.empty_cache(host, slots)
+    # layer 1 caches experts 5, 2 and 7 in slots 0-2; layer 2 caches expert 0 in slot 1
+    slot_of = -np.ones((layers, experts), np.int32)
+    slot_of[1, [5, 2, 7]] = [0, 1, 2]
+    slot_of[2, 0] = 1
+    cache = hx.fill(cache, host, [(1, 0, 5), (1, 1, 2), (1, 2, 7), (2, 1, 0)], slot_of)
+    assert np.array_equal(np.asarray(cache.slot_of), slot_of)
+
+    @jax.jit
+    def fetch(ids_TK, layer, cache):
+        params = ExpertWeights(*(LayerWeight(w, layer) for w in (host.w_gate, host.w_up, host.w_down)))
+        plain = hx.fetch_routed(ids_TK, params, experts)
+        with hx.layer_cache(cache, layer):
+            cached = hx.fetch_routed(ids_TK, params, experts)
+        return plain, cached
+
+    for layer in range(layers):
+        ids_TK = jnp.asarray(rng.choice(experts, (2, 2), replace=False).astype(np.int32))
+        (plain, plain_ids), (cached, cached_ids) = fetch(ids_TK, jnp.int32(layer), cache)
+        assert np.array_equal(plain_ids, cached_ids)
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(cached)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # the weights fetched are those of the routed experts, in ascending id order
+        want = np.asarray(jax.tree.leaves(host.w_down)[0])[layer][np.unique(np.asarray(ids_TK))]
+        np.testing.assert_array_equal(np.asarray(jax.tree.leaves(cached.w_down)[0]), want)
