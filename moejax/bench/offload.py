@@ -12,7 +12,7 @@ In one process, in this order:
      per step at each batch size and one prefill of `--offload-prefill-len` tokens.
 The bounds count only the routed expert bytes a step must read (expected distinct experts per MoE layer under
 uniform routing, all of them for the prefill) over each rate; everything on the device is left out, so a bound
-is an upper limit. The full-depth figure scales the measured step by the MoE layers (full / cut), which also
+is an upper limit (without --offload-cache-experts: cached experts cross no link). The full-depth figure scales the measured step by the MoE layers (full / cut), which also
 scales the cut's dense layers: an over-estimate of the full model's time.
 """
 
@@ -51,6 +51,9 @@ def add_arguments(p) -> None:
     g.add_argument("--host-threads", type=int, nargs="+", default=None,
                    help="thread counts of the host bandwidth measurement (default 1, 4, 8 and all cores)")
     g.add_argument("--host-gib", type=float, default=4.0, help="size of the host bandwidth buffer")
+    g.add_argument("--offload-cache-experts", type=int, default=0, metavar="S",
+                   help="each MoE layer's S most used experts also on the device (LLM's offload_cache_experts); "
+                        "to stand for the full model, give S the share of experts its free device memory holds")
     g.add_argument("--full-layers", type=int, default=None,
                    help="layers of the full model that the measured cut is scaled to (default: the config's)")
 
@@ -171,6 +174,7 @@ def measure_engine(model_dir: str, args, results: dict) -> None:
     before = _device_bytes_in_use()
     t0 = time.perf_counter()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", quantization=quantization, offload_experts=True,
+              offload_cache_experts=args.offload_cache_experts,
               max_model_len=max_model_len, max_num_seqs=max(batches), enable_prefix_caching=False,
               max_num_batched_tokens=max(prefill_len, max(batches)), kv_cache_tokens=args.kv_cache_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization)
@@ -338,7 +342,8 @@ def run(args) -> int:
         shutil.rmtree(work, ignore_errors=True)
     table = build_table(results, costs, args.offload_batch, args.offload_prefill_len, full_moe, deepseek)
     print(f"moejax bench offload: {args.config}, {config.num_layers} layers ({config.num_moe_layers} MoE), "
-          f"{args.offload_quantization} experts in host memory")
+          f"{args.offload_quantization} experts in host memory"
+          + (f", {args.offload_cache_experts} per layer cached on the device" if args.offload_cache_experts else ""))
     print(table.render())
     if args.json:
         with open(args.json, "w") as f:
