@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--dp", type=int, default=1, help="data parallel size")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages (planned only: the engine does not run pipeline parallelism yet)")
+    p.add_argument("--enable-dp-attention", action="store_true",
+                   help="attention's requests and KV cache split over the --ep ranks (SGLang's name; planned only)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="routed experts split whole over the --tp ranks (vLLM's name), not their width")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | fp8 (block-scaled)")
@@ -34,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    for name in ("tp", "ep", "dp", "max_num_seqs"):
+    for name in ("tp", "ep", "dp", "pp", "max_num_seqs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.offload_cache_experts < 0 or (args.offload_cache_experts and not args.offload_experts):
@@ -51,7 +55,8 @@ def run(args) -> int:
     except ValueError as e:
         raise ValueError(f"MODEL_OR_CONFIG: {e}") from None
     config = ModelConfig.from_file(path)
-    mesh = Mesh(args.tp, args.ep, args.dp, expert_over_tp=args.enable_expert_parallel)
+    mesh = Mesh(args.tp, args.ep, args.dp, expert_over_tp=args.enable_expert_parallel, pp=args.pp,
+                dp_attention=args.enable_dp_attention)
     plan = plan_memory(config, mesh=mesh, dtype=args.dtype,
                        quantization=args.quantization, offload_experts=args.offload_experts,
                        offload_cache_experts=args.offload_cache_experts,
@@ -75,7 +80,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = [
         f"model {plan.model}: {p.total / 1e9:.2f}B parameters, {p.active / 1e9:.2f}B active per token "
         f"({p.active_without_embeddings / 1e9:.2f}B without the embedding table)",
-        f"mesh tp={m.tp} ep={m.ep} dp={m.dp}{' (experts over tp)' if m.expert_over_tp else ''} "
+        f"mesh tp={m.tp} ep={m.ep} dp={m.dp}" + (f" pp={m.pp}" if m.pp > 1 else "")
+        + (" (experts over tp)" if m.expert_over_tp else "") + (" (DP attention)" if m.dp_attention else "") + " "
         f"({m.devices} devices), weights {plan.dtype}"
         + (f", quantization {plan.quantization}" if plan.quantization else "")
         + (", routed experts offloaded to host" if plan.offload_experts else "")
@@ -101,6 +107,8 @@ def format_plan(plan: MemoryPlan) -> str:
         "verdict: fits" if plan.fits else "verdict: does NOT fit"
         + (f"; smallest change that fits: {plan.suggestion}" if plan.suggestion else "; no single change fits"),
     ]
+    if m.pp > 1 or m.dp_attention:
+        lines.append("note: a planned layout; the engine does not run pipeline stages or DP attention yet")
     return "\n".join(lines)
 
 

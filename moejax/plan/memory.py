@@ -28,10 +28,17 @@ class Mesh:
     ep: int = 1
     dp: int = 1
     expert_over_tp: bool = False  # enable_expert_parallel: routed experts split whole over the tp ranks
+    pp: int = 1  # pipeline stages: contiguous runs of layers, each held by its own tp x ep x dp devices
+    dp_attention: bool = False  # attention's requests (and their KV cache) split over the ep ranks
 
     @property
     def devices(self) -> int:
-        return self.tp * self.ep * self.dp
+        return self.tp * self.ep * self.dp * self.pp
+
+    @property
+    def request_ranks(self) -> int:
+        """Ranks of one model replica that hold different requests' KV caches (ep with DP attention)."""
+        return self.ep if self.dp_attention else 1
 
     @property
     def shape(self) -> dict[str, int]:
@@ -86,18 +93,32 @@ def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None,
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """The layers of each pipeline stage: contiguous, as even as the division allows (the first stages take
+    the remainder)."""
+    base, extra = divmod(num_layers, pp)
+    out, start = [], 0
+    for s in range(pp):
+        n = base + (s < extra)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
 def kv_bytes_per_token(config: ModelConfig, dtype: str, mesh: Mesh = Mesh(), kv_cache_dtype: str = "auto") -> int:
-    """Cache bytes one token takes on one device, summed over layers. kv_cache_dtype "auto" keeps the model's
-    dtype (bf16 for fp8 weights); "fp8" stores e4m3 pages, one byte a value."""
+    """Cache bytes one token takes on one device, summed over the layers of its pipeline stage (the largest).
+    kv_cache_dtype "auto" keeps the model's dtype (bf16 for fp8 weights); "fp8" stores e4m3 pages, one byte a
+    value."""
     elem = 1 if kv_cache_dtype == "fp8" else DTYPE_BYTES["bfloat16" if dtype == "fp8" else dtype]
+    layers = max(len(r) for r in stage_layers(config.num_layers, mesh.pp))
     if config.is_mla:  # the compressed latent and the shared rope key, replicated over tensor ranks
-        return config.num_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
+        return layers * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
     heads = config.num_kv_heads
     if heads % mesh.tp == 0:
         heads //= mesh.tp
     elif mesh.tp % heads == 0:  # fewer KV heads than ranks: each rank stores the one its query heads use
         heads = 1
-    return config.num_layers * 2 * heads * config.head_dim * elem
+    return layers * 2 * heads * config.head_dim * elem
 
 
 def workspace_bytes(config: ModelConfig, mesh: Mesh, max_model_len: int, max_num_seqs: int) -> int:
@@ -178,14 +199,18 @@ def plan_memory(
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     check_divisible(config, mesh)
     max_model_len = max_model_len or config.max_position_embeddings
-    by_kind = {k: 0 for k in KINDS}
     host = 0
+    stages = stage_layers(config.num_layers, mesh.pp)
+    stage_kinds = [{k: 0 for k in KINDS} for _ in stages]
     for t in inventory(config):
         if offload_experts and t.kind == "routed_experts":
             # The host keeps every routed expert whole, for all of its devices.
             host += tensor_bytes_per_device(t, dtype, quantization, Mesh())
             continue
-        by_kind[t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh)
+        for s in _stages_of(t, stages, config.tie_word_embeddings):
+            stage_kinds[s][t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh)
+    # a device holds one stage: the largest
+    by_kind = max(stage_kinds, key=lambda kinds: sum(kinds.values()))
     if offload_cache_experts and host:
         # the device cache: S of the E experts of every MoE layer, and each layer's [E] int32 slot table
         by_kind["routed_experts"] += host * offload_cache_experts // config.num_experts + \
@@ -195,8 +220,9 @@ def plan_memory(
     budget = int(device_memory_bytes * gpu_memory_utilization)
     workspace = workspace_bytes(config, mesh, max_model_len, max_num_seqs)
     kv_bytes = max(budget - weights - workspace, 0)
-    kv_tokens = kv_bytes // kv_token
-    fits = weights + workspace <= budget and kv_tokens >= max_model_len
+    # with DP attention each of the replica's request ranks caches its own requests' tokens
+    kv_tokens = kv_bytes // kv_token * mesh.request_ranks
+    fits = weights + workspace <= budget and kv_bytes // kv_token >= max_model_len
     plan = MemoryPlan(
         model=model, mesh=mesh, dtype=dtype, quantization=quantization, offload_experts=offload_experts,
         params=count_params(config), weight_bytes_by_kind=by_kind, weight_bytes_per_device=weights,
@@ -210,8 +236,25 @@ def plan_memory(
     return plan
 
 
+def _stages_of(t, stages: list[range], tied: bool) -> list[int]:
+    """The pipeline stages that hold tensor t: its layer's, the first for the embeddings (and the last too when
+    the lm_head reuses them), the last for the final norm and lm_head."""
+    if t.path[0] == "layers":
+        return [next(s for s, r in enumerate(stages) if t.path[1] in r)]
+    last = len(stages) - 1
+    if t.path[0] == "embed":
+        return sorted({0, last}) if tied else [0]
+    return [last]
+
+
 def check_divisible(config: ModelConfig, mesh: Mesh) -> None:
     """Parallel sizes must divide what they split."""
+    if mesh.pp > config.num_layers:
+        raise ValueError(f"pipeline_parallel_size={mesh.pp} exceeds num_hidden_layers={config.num_layers}")
+    if mesh.dp_attention and (mesh.ep < 2 or mesh.tp != 1 or mesh.expert_over_tp):
+        raise ValueError(f"enable_dp_attention splits attention's requests over the expert-parallel ranks: it "
+                         f"needs expert_parallel_size >= 2 and tensor_parallel_size 1 (got ep={mesh.ep}, "
+                         f"tp={mesh.tp})")
     if config.num_experts % mesh.ep:
         raise ValueError(f"expert_parallel_size={mesh.ep} does not divide num_experts={config.num_experts}")
     if config.num_heads % mesh.tp:
@@ -245,10 +288,11 @@ def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> st
     for ep in (2, 4, 8, 16, 32, 64):
         if ep > m.ep and config.num_experts % ep == 0:
             if not m.expert_over_tp:
-                candidates.append((f"--ep {ep} ({m.tp * ep * m.dp} devices)", kw, Mesh(m.tp, ep, m.dp)))
+                candidates.append((f"--ep {ep} ({m.tp * ep * m.dp * m.pp} devices)", kw,
+                                   dataclasses.replace(m, ep=ep)))
     for tp in (2, 4, 8):
         if tp > m.tp and config.num_heads % tp == 0:
-            candidates.append((f"--tp {tp} ({tp * m.ep * m.dp} devices)", kw,
+            candidates.append((f"--tp {tp} ({tp * m.ep * m.dp * m.pp} devices)", kw,
                                dataclasses.replace(m, tp=tp)))
     if not plan.offload_experts:
         candidates.append(("--offload-experts", dict(kw, offload_experts=True), m))

@@ -149,3 +149,48 @@ def test_expert_cache_is_counted_on_the_device():
         plain.host_weight_bytes // 4 + 4 * 58 * 256
     assert cached.kv_cache_tokens < plain.kv_cache_tokens and cached.offload_cache_experts == 64
     assert plan_memory(config, offload_cache_experts=64, **dict(kw, offload_experts=False)).offload_cache_experts == 0
+
+
+def test_pipeline_stages_hold_their_layers():
+    """TP4 x PP2 for Qwen3-235B-A22B (FP8) on 8 x 48 GB: each stage holds half the layers (the embeddings on
+    the first, the lm_head on the last) and half the KV per token; it fits, where bf16 does not."""
+    from moejax.plan.memory import kv_bytes_per_token, stage_layers
+
+    config = ModelConfig.from_file(known_models.resolve("Qwen/Qwen3-235B-A22B"))
+    assert [len(r) for r in stage_layers(94, 4)] == [24, 24, 23, 23]
+    kw = dict(device_memory_bytes=48 * GIB, max_model_len=4096)
+    tp4 = plan_memory(config, mesh=Mesh(4), dtype="fp8", **kw)
+    pp2 = plan_memory(config, mesh=Mesh(4, pp=2), dtype="fp8", **kw)
+    assert pp2.fits and pp2.mesh.devices == 8
+    layers = tp4.weight_bytes_per_device - tp4.weight_bytes_by_kind["embeddings"] - tp4.weight_bytes_by_kind["lm_head"]
+    # the larger stage: 47 of the 94 layers, and the embeddings (first) or the lm_head (last)
+    stage = pp2.weight_bytes_per_device - pp2.weight_bytes_by_kind["embeddings"] - pp2.weight_bytes_by_kind["lm_head"]
+    assert abs(stage - layers / 2) <= 2 * config.hidden_size  # the final norm goes with the last stage
+    assert pp2.weight_bytes_by_kind["embeddings"] == 0 or pp2.weight_bytes_by_kind["lm_head"] == 0
+    assert kv_bytes_per_token(config, "fp8", Mesh(4, pp=2)) * 2 == kv_bytes_per_token(config, "fp8", Mesh(4))
+    assert not plan_memory(config, mesh=Mesh(4, pp=2), dtype="bfloat16", suggest=False, **kw).fits
+    assert plan_memory(config, mesh=Mesh(1, 8), dtype="fp8", **kw).fits
+
+
+def test_dp_attention_caches_each_ranks_own_requests():
+    """DeepSeek-V3 (FP8) on 16 x 80 GB with DP attention and EP16 fits; each rank caches only its own requests'
+    latents, so a byte of KV cache holds 16 times the tokens it holds at TP16, which stores every latent on
+    every rank."""
+    config = ModelConfig.from_file(known_models.resolve("deepseek-v3"))
+    kw = dict(dtype="fp8", device_memory_bytes=80 * GIB, max_model_len=4096)
+    dpa = plan_memory(config, mesh=Mesh(1, 16, dp_attention=True), **kw)
+    tp16 = plan_memory(config, mesh=Mesh(16), **kw)
+    ep16 = plan_memory(config, mesh=Mesh(1, 16), **kw)
+    assert dpa.fits and dpa.weight_bytes_per_device == ep16.weight_bytes_per_device
+    assert dpa.kv_cache_tokens == 16 * ep16.kv_cache_tokens
+    per_byte = dpa.kv_cache_tokens / dpa.kv_cache_bytes, tp16.kv_cache_tokens / tp16.kv_cache_bytes
+    assert abs(per_byte[0] / per_byte[1] - 16) < 1e-3
+
+
+@pytest.mark.parametrize("mesh, match", [(Mesh(pp=100), "exceeds num_hidden_layers"),
+                                         (Mesh(dp_attention=True), "expert_parallel_size >= 2"),
+                                         (Mesh(2, 2, dp_attention=True), "tensor_parallel_size 1")])
+def test_bad_planned_layouts(mesh, match):
+    config = ModelConfig.from_file(known_models.resolve("deepseek-v3"))
+    with pytest.raises(ValueError, match=match):
+        plan_memory(config, mesh=mesh)
