@@ -187,20 +187,25 @@ def _fill(cache: ExpertCache, host: ExpertWeights, layers_U, slots_U, experts_U,
     return ExpertCache(weights, slot_of)
 
 
+FILL_CHUNK = 256  # most experts one fill program copies (a first fill of every slot runs several)
+
+
 def fill(cache: ExpertCache, host: ExpertWeights, updates, slot_of_LE) -> ExpertCache:
     """cache with experts copied in from the host stack: updates is a list of (layer, slot, expert); slot_of_LE
-    the new [L, E] table (numpy). The update count is rounded up to a power of two (repeating the last update),
-    so few programs compile."""
+    the new [L, E] table (numpy). Updates go FILL_CHUNK at a time, the last chunk rounded up to a power of two
+    (repeating its last update), so at most log2(FILL_CHUNK) + 1 programs compile."""
     import numpy as np
 
-    n = 1 << max(len(updates) - 1, 0).bit_length() if updates else 0
-    table = jax.device_put(np.asarray(slot_of_LE, np.int32), cache.slot_of.sharding)
-    if not n:
-        return ExpertCache(cache.weights, table)
-    rows = np.asarray(list(updates) + [updates[-1]] * (n - len(updates)), np.int32)
     shardings = jax.tree.map(lambda a: a.sharding, cache)
-    # the step's compiled executables take the cache in its own shardings
-    return jax.device_put(_fill(cache, host, rows[:, 0], rows[:, 1], rows[:, 2], table), shardings)
+    table = jax.device_put(np.asarray(slot_of_LE, np.int32), cache.slot_of.sharding)
+    updates = list(updates)
+    for start in range(0, len(updates), FILL_CHUNK):
+        chunk = updates[start:start + FILL_CHUNK]
+        n = 1 << (len(chunk) - 1).bit_length()
+        rows = np.asarray(chunk + [chunk[-1]] * (n - len(chunk)), np.int32)
+        # the step's compiled executables take the cache in its own shardings
+        cache = jax.device_put(_fill(cache, host, rows[:, 0], rows[:, 1], rows[:, 2], table), shardings)
+    return ExpertCache(cache.weights, table)
 
 
 __all__ = ["ExpertCache", "empty_cache", "fetch_routed", "fill", "layer_cache", "on_host"]

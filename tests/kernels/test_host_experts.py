@@ -53,3 +53,18 @@ def test_cached_and_host_experts_are_the_same_weights(bits):
         # the weights fetched are those of the routed experts, in ascending id order
         want = np.asarray(jax.tree.leaves(host.w_down)[0])[layer][np.unique(np.asarray(ids_TK))]
         np.testing.assert_array_equal(np.asarray(jax.tree.leaves(cached.w_down)[0]), want)
+
+
+def test_a_fill_larger_than_a_chunk_copies_every_expert(monkeypatch):
+    monkeypatch.setattr(hx, "FILL_CHUNK", 4)
+    rng = np.random.default_rng(1)
+    layers, experts, slots = 2, 8, 5
+    host = _host_stack(rng, layers, experts, 4, 4, None)
+    updates = [(l, s, (3 * s + l) % experts) for l in range(layers) for s in range(slots)]  # 10 > 4
+    slot_of = -np.ones((layers, experts), np.int32)
+    for l, s, e in updates:
+        slot_of[l, e] = s
+    cache = hx.fill(hx.empty_cache(host, slots), host, updates, slot_of)
+    for l, s, e in updates:
+        np.testing.assert_array_equal(np.asarray(cache.weights.w_up[l, s]), np.asarray(host.w_up[l, e]))
+    assert np.array_equal(np.asarray(cache.slot_of), slot_of)
