@@ -61,6 +61,7 @@ def test_bench_offload_runs_on_the_embedded_model(tmp_path, capsys):
     assert set(results["host"]["by_threads"]) == {"1", "2"}
     assert "decode b=2" in text and "prefill 32 tokens" in text and "2 per layer cached" in text
     assert engine["device_param_bytes"] > 0 and results["pinned_pool_bytes"] > 0
+    assert engine["cache_experts_per_layer"] == 2 and 0 <= engine["cache_hit_share"] <= 1
 
 
 def test_bench_offload_refuses_bad_arguments(capsys):

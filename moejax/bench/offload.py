@@ -209,6 +209,10 @@ def measure_engine(model_dir: str, args, results: dict) -> None:
     seconds = median_s(lambda: llm.generate(prompt_token_ids=prompts(1, prefill_len), sampling_params=greedy(1),
                                             use_tqdm=False), args.repeats)
     results["prefill"] = {"tokens": prefill_len, "ms": seconds * 1e3}
+    policy = llm.llm_engine.expert_cache
+    if policy is not None:
+        results["engine"]["cache_hit_share"] = policy.hit_share()
+        results["engine"]["cache_experts_per_layer"] = policy.slots
 
 
 # -- bounds and the table ---------------------------------------------------------------------------------------
@@ -256,6 +260,9 @@ def build_table(results: dict, costs: dict, batches: list[int], prefill_len: int
     table.add("device params, GiB (the plan's)", pair("device_param_bytes", "plan_weight_bytes_per_device", "plan"))
     table.add("host params, GiB (the plan's)", pair("host_param_bytes", "plan_host_weight_bytes", "plan"))
     table.add("device memory in use, GiB (KV pool)", pair("device_bytes_in_use", "kv_pool_bytes", "pool"))
+    if eng.get("cache_hit_share") is not None:
+        table.add(f"expert cache: {eng['cache_experts_per_layer']} of {costs['num_experts']} per layer, "
+                  "share of routed hits", eng["cache_hit_share"], fmt="{:.1%}")
     table.add("host memory resident, GiB (peak while loading)", pair("host_rss_bytes", "host_peak_rss_bytes", "peak"))
     moe, e, k, xb = costs["moe_layers"], costs["num_experts"], costs["top_k"], costs["expert_bytes"]
     scale = full_moe_layers / moe if moe else 1.0
@@ -270,7 +277,7 @@ def build_table(results: dict, costs: dict, batches: list[int], prefill_len: int
         host_b, pcie_b = bound_tps(tokens, host_bw), bound_tps(tokens, pcie_bw)
         table.add(f"{name} ({moe} MoE layers), tok/s", cell(tps, "engine"), host_b, pcie_b)
         if tps is not None and not isinstance(host_b, Missing):
-            table.add(f"{name}: share of the host-memory bound", tps / host_b, fmt="{:.0%}")
+            table.add(f"{name}: share of the host-memory bound", tps / host_b, fmt="{:.1%}")
         if scale != 1.0:
             peer = KTRANSFORMERS_DEEPSEEK_V3.get(peer_key) if deepseek else None
             scaled = [v / scale if isinstance(v, float) else v for v in (host_b, pcie_b)]

@@ -43,11 +43,17 @@ class ExpertCachePolicy:
         self.moe_layers = row
         self.score = np.zeros((row, self.num_experts), np.float64)
         self.expert_in_slot = -np.ones((row, slots), np.int64)  # [MoE layers, S]
+        self.routed = 0  # (token, expert) assignments counted so far
+        self.hits = 0  # of them, to an expert that had a slot at the time
         runner.params = dict(runner.params, caches=caches)
 
     def observe(self, counts) -> None:
         """One step's counts int [MoE layers, E]; refreshes the cache every refresh_steps steps."""
-        self.score += np.asarray(counts, np.float64)
+        counts = np.asarray(counts, np.int64)
+        held = np.take_along_axis(counts, np.maximum(self.expert_in_slot, 0), axis=1)
+        self.hits += int(held[self.expert_in_slot >= 0].sum())
+        self.routed += int(counts.sum())
+        self.score += counts
         self.steps += 1
         if self.steps % self.refresh_steps == 0:
             self.refresh()
@@ -85,6 +91,10 @@ class ExpertCachePolicy:
         for slot, expert in moves:
             held[slot] = expert
         return moves
+
+    def hit_share(self) -> float | None:
+        """The share of routed (token, expert) assignments that found their expert on the device."""
+        return self.hits / self.routed if self.routed else None
 
     def cached(self) -> dict[int, list[int]]:
         """{MoE layer row: the experts in its slots} (for tests and metrics)."""

@@ -35,6 +35,7 @@ def test_cached_experts_give_the_same_tokens_and_hold_what_the_policy_chose(
     assert got == want
     policy = llm.llm_engine.expert_cache
     assert policy.steps >= policy.refresh_steps  # the cache was filled and read
+    assert 0 < policy.hits < policy.routed
     np.testing.assert_allclose(llm.logits(PROMPTS[0]), ref.logits(PROMPTS[0]), rtol=0, atol=1e-5)
 
     # every slot the table names holds that expert's weights, copied from the host stack
@@ -69,11 +70,16 @@ def test_a_refresh_copies_only_the_experts_that_came_in(hf_model_dir):
     policy.score[:] = counts
     assert policy.refresh() == 2 * policy.moe_layers
     assert all(v == [3, 5] for v in policy.cached().values())
+
     before = policy.expert_in_slot.copy()
     policy.score[:, 1] = 100.0  # expert 1 overtakes 3; 5 keeps its slot
     assert policy.refresh() == policy.moe_layers
     assert all(v == [1, 5] for v in policy.cached().values())
     assert (policy.expert_in_slot[before == 5] == 5).all()
+    seen = np.zeros_like(counts)
+    seen[:, [5, 4]] = [2, 6]
+    policy.observe(seen)  # 2 of the 8 assignments per layer hit (expert 5); 4 has no slot
+    assert policy.hit_share() == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("kwargs, match", [
