@@ -9,6 +9,10 @@ token's ids renumbered into them. When C = E (prefill-sized steps) the whole lay
 decode token thus moves k experts' bytes over PCIe per layer, quantized ones in their packed form (the kernels
 dequantize in registers). C is static, so a step copies C experts even when its tokens share some (a
 data-dependent copy count would need a loop whose trip count the GPU reads back each layer).
+
+With a device cache (`ExpertCache`, `LLM(offload_cache_experts=S)`, active while `layer_cache` is), the C experts
+are gathered from the cache where they have a slot and only the misses are copied, in such a loop: one trip per
+miss. Prefill-sized steps still copy the whole layer.
 """
 
 from __future__ import annotations
