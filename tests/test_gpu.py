@@ -158,3 +158,20 @@ def test_offloaded_experts_on_gpu_decode_the_same(quantization):
         got = off.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
         want = ref.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_expert_cache_on_gpu_decodes_the_same():
+    """offload_cache_experts on the GPU: hits gathered from the device cache, misses copied from pinned host
+    memory in a loop inside the layer scan, the cache refilled between steps; the device-resident tokens."""
+    kw = dict(dtype="float32", max_model_len=256, max_num_seqs=4)
+    ref, off = LLM(**kw), LLM(offload_experts=True, offload_cache_experts=3, **kw)
+    policy = off.llm_engine.expert_cache
+    policy.refresh_steps = 2
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 2000, int(n)).tolist() for n in (1, 40, 100)]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for batch in (prompts[:1], prompts):
+        got = off.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
+        want = ref.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert 0 < policy.hits < policy.routed
