@@ -78,17 +78,15 @@ def dummy_state(abstract_state: nnx.State, *, sharding_for, seed: int = 0,
             spec = (kind, shape, dtype, jax.tree.map(lambda _: sharding, stored), (form, path))
         pending.append((path, spec, salt))
     # One initializer per distinct kind, shape, stored form and sharding (the layers share theirs), compiled
-    # all at once.
-    programs = {}
+    # all at once; the key leaves out the path that stands for a stored form.
+    programs, keys = {}, []
     for _, (kind, shape, dtype, sharding, stored), _ in pending:
         key = (kind, shape, dtype, sharding, stored and stored[0])
+        keys.append(key)
         if key not in programs:
             bound = None if stored is None else (lambda x, p=stored[1]: transform(p, x))
             programs[key] = _initializer(kind, shape, dtype, sharding, seed, bound)
     salt_type = jax.ShapeDtypeStruct((), jnp.uint32)
     compiled = dict(zip(programs, compile_all([f.lower(salt_type) for f in programs.values()])))
-    filled = {}
-    for path, (kind, shape, dtype, sharding, stored), salt in pending:
-        key = (kind, shape, dtype, sharding, stored and stored[0])
-        filled[path] = compiled[key](np.uint32(salt))
+    filled = {path: compiled[key](np.uint32(salt)) for (path, _, salt), key in zip(pending, keys)}
     return nnx.from_flat_state([(path, var.replace(filled[path])) for path, var in params])

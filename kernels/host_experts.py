@@ -54,22 +54,26 @@ def _layer(w):
     return jax.tree.map(_to_device, w)
 
 
+def _host_row(a, layer, expert):
+    """Expert `expert` of a host array, stacked over layers ([L, E, ...], layer given) or not ([E, ...],
+    layer None), copied to the device: [1, ...]."""
+    if layer is None:
+        row = jax.lax.dynamic_index_in_dim(a, expert, 0, keepdims=True)
+    else:
+        row = jax.lax.dynamic_slice(a, (layer, expert) + (0,) * (a.ndim - 2), (1, 1, *a.shape[2:]))[0]
+    return _to_device(row)
+
+
+def _rows(w, experts, layer=None):
+    """[len(experts), ...] on the device for each array of weight w (a LayerWeight brings its own layer)."""
+    if isinstance(w, LayerWeight):
+        w, layer = w.stacked, w.layer
+    return jax.tree.map(lambda a: jnp.concatenate([_host_row(a, layer, e) for e in experts], axis=0), w)
+
+
 def _gather(w, experts_C):
     """Experts experts_C [C] of one weight, each copied from the host: [C, ...] on the device."""
-    def take(a, layer):
-        rows = []
-        for c in range(experts_C.shape[0]):
-            if layer is None:
-                row = jax.lax.dynamic_index_in_dim(a, experts_C[c], 0, keepdims=True)
-            else:
-                start = (layer, experts_C[c]) + (0,) * (a.ndim - 2)
-                row = jax.lax.dynamic_slice(a, start, (1, 1, *a.shape[2:]))[0]
-            rows.append(_to_device(row))
-        return jnp.concatenate(rows, axis=0)
-
-    if isinstance(w, LayerWeight):
-        return jax.tree.map(lambda a: take(a, w.layer), w.stacked)
-    return jax.tree.map(lambda a: take(a, None), w)
+    return _rows(w, [experts_C[c] for c in range(experts_C.shape[0])])
 
 
 @jax.tree_util.register_dataclass
@@ -96,18 +100,6 @@ def layer_cache(cache: ExpertCache | None, layer):
         _ACTIVE_CACHE.reset(token)
 
 
-def _host_rows(w, layer, expert):
-    """One expert of one weight (all its arrays), copied from the host stack: [1, ...] on the device."""
-    a_layer = w.layer if isinstance(w, LayerWeight) else layer
-    stacked = w.stacked if isinstance(w, LayerWeight) else w
-
-    def take(a):
-        start = (a_layer, expert) + (0,) * (a.ndim - 2)
-        return _to_device(jax.lax.dynamic_slice(a, start, (1, 1, *a.shape[2:]))[0])
-
-    return jax.tree.map(take, stacked)
-
-
 def _fetch_with_cache(fields: dict, fetch_C, cache: ExpertCache, layer) -> dict:
     """The C experts fetch_C: each from the device cache where it has a slot, else copied from the host. The
     misses are copied in a loop whose trip count is the number of misses, so a hit moves no PCIe bytes."""
@@ -121,15 +113,9 @@ def _fetch_with_cache(fields: dict, fetch_C, cache: ExpertCache, layer) -> dict:
 
     def copy_miss(i, local):
         c = order_C[i]
-        out = {}
-        for n, w in fields.items():
-            if w is None:
-                out[n] = None
-                continue
-            row = _host_rows(w, layer, fetch_C[c])
-            out[n] = jax.tree.map(lambda buf, r: jax.lax.dynamic_update_index_in_dim(buf, r, c, 0),
-                                  local[n], row)
-        return out
+        return {n: None if w is None else jax.tree.map(
+            lambda buf, row: jax.lax.dynamic_update_index_in_dim(buf, row, c, 0), local[n],
+            _rows(w, [fetch_C[c]], layer)) for n, w in fields.items()}
 
     return jax.lax.fori_loop(0, misses, copy_miss, cached)
 
@@ -161,7 +147,7 @@ def empty_cache(host: ExpertWeights, slots: int) -> ExpertCache:
     """A cache of `slots` experts per layer for the host stack `host` ([L, E, ...] leaves), every slot empty
     (slot_of all -1), in device memory."""
     def zeros(a):
-        return jnp.zeros((a.shape[0], slots, *a.shape[2:]), a.dtype, device=_device_of(a))
+        return jnp.zeros((a.shape[0], slots, *a.shape[2:]), a.dtype, device=a.sharding.with_memory_kind("device"))
 
     leaves = {f.name: None if getattr(host, f.name) is None else jax.tree.map(zeros, getattr(host, f.name))
               for f in dataclasses.fields(host)}
@@ -173,22 +159,16 @@ def empty_cache(host: ExpertWeights, slots: int) -> ExpertCache:
     return ExpertCache(ExpertWeights(**leaves), slot_of)
 
 
-def _device_of(a):
-    """The device-memory form of host array a's sharding."""
-    return a.sharding.with_memory_kind("device")
-
-
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _fill(cache: ExpertCache, host: ExpertWeights, layers_U, slots_U, experts_U, slot_of):
+def _fill(weights: ExpertWeights, host: ExpertWeights, layers_U, slots_U, experts_U) -> ExpertWeights:
+    """weights (the cache's [L, S, ...] slots) with host[layers_U[u], experts_U[u]] copied into slot slots_U[u]."""
     def put(buf, stacked, u):
-        start = (layers_U[u], experts_U[u]) + (0,) * (stacked.ndim - 2)
-        row = _to_device(jax.lax.dynamic_slice(stacked, start, (1, 1, *stacked.shape[2:])))
+        row = _host_row(stacked, layers_U[u], experts_U[u])[None]
         return jax.lax.dynamic_update_slice(buf, row, (layers_U[u], slots_U[u]) + (0,) * (buf.ndim - 2))
 
-    weights = cache.weights
     for u in range(layers_U.shape[0]):
         weights = jax.tree.map(lambda b, h, u=u: put(b, h, u), weights, host)
-    return ExpertCache(weights, slot_of)
+    return weights
 
 
 FILL_CHUNK = 256  # most experts one fill program copies (a first fill of every slot runs several)
@@ -200,16 +180,17 @@ def fill(cache: ExpertCache, host: ExpertWeights, updates, slot_of_LE) -> Expert
     (repeating its last update), so at most log2(FILL_CHUNK) + 1 programs compile."""
     import numpy as np
 
-    shardings = jax.tree.map(lambda a: a.sharding, cache)
-    table = jax.device_put(np.asarray(slot_of_LE, np.int32), cache.slot_of.sharding)
+    weights = cache.weights
+    shardings = jax.tree.map(lambda a: a.sharding, weights)
     updates = list(updates)
     for start in range(0, len(updates), FILL_CHUNK):
         chunk = updates[start:start + FILL_CHUNK]
         n = 1 << (len(chunk) - 1).bit_length()
         rows = np.asarray(chunk + [chunk[-1]] * (n - len(chunk)), np.int32)
         # the step's compiled executables take the cache in its own shardings
-        cache = jax.device_put(_fill(cache, host, rows[:, 0], rows[:, 1], rows[:, 2], table), shardings)
-    return ExpertCache(cache.weights, table)
+        weights = jax.device_put(_fill(weights, host, rows[:, 0], rows[:, 1], rows[:, 2]), shardings)
+    table = jax.device_put(np.asarray(slot_of_LE, np.int32), cache.slot_of.sharding)
+    return ExpertCache(weights, table)
 
 
 __all__ = ["ExpertCache", "empty_cache", "fetch_routed", "fill", "layer_cache", "on_host"]

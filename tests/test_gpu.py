@@ -144,6 +144,17 @@ def test_compiled_prefill_attention_equals_reference(shape, dtype):
     assert np.all(np.asarray(out[-1], np.float32) == 0)
 
 
+def _assert_same_greedy_tokens(llm, ref, max_tokens: int) -> None:
+    """Fresh random prompts of 1, 40 and 100 tokens, alone and batched: llm's greedy tokens are ref's."""
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 2000, int(n)).tolist() for n in (1, 40, 100)]
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for batch in (prompts[:1], prompts):
+        got = llm.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
+        want = ref.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_offloaded_experts_on_gpu_decode_the_same(quantization):
     """offload_experts=True on the GPU: the experts in pinned host memory, copied in per layer as routed,
@@ -151,13 +162,7 @@ def test_offloaded_experts_on_gpu_decode_the_same(quantization):
     kw = dict(dtype="float32", quantization=quantization, max_model_len=256, max_num_seqs=4)
     ref, off = LLM(**kw), LLM(offload_experts=True, **kw)
     assert any(leaf.sharding.memory_kind == "pinned_host" for leaf in jax.tree.leaves(off.runner.params))
-    rng = np.random.default_rng()
-    prompts = [rng.integers(3, 2000, int(n)).tolist() for n in (1, 40, 100)]
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    for batch in (prompts[:1], prompts):
-        got = off.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
-        want = ref.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    _assert_same_greedy_tokens(off, ref, max_tokens=8)
 
 
 def test_expert_cache_on_gpu_decodes_the_same():
@@ -167,11 +172,5 @@ def test_expert_cache_on_gpu_decodes_the_same():
     ref, off = LLM(**kw), LLM(offload_experts=True, offload_cache_experts=3, **kw)
     policy = off.llm_engine.expert_cache
     policy.refresh_steps = 2
-    rng = np.random.default_rng()
-    prompts = [rng.integers(3, 2000, int(n)).tolist() for n in (1, 40, 100)]
-    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    for batch in (prompts[:1], prompts):
-        got = off.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
-        want = ref.generate(prompt_token_ids=batch, sampling_params=greedy, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    _assert_same_greedy_tokens(off, ref, max_tokens=12)
     assert 0 < policy.hits < policy.routed

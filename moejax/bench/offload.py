@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from moejax.bench.table import Missing, Table
+from moejax.engine.host_memory import proc_bytes
 
 GIB = 1024**3
 COLUMNS = ("moejax", "host-memory bound", "PCIe bound", "KTransformers (published)")
@@ -78,18 +79,6 @@ def host_read_bandwidth(nbytes: int, threads: list[int], repeats: int = 3) -> di
     return {"bytes": nbytes, "by_threads": out, "best_bytes_per_s": max(out.values())}
 
 
-def _median(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def pcie_rates(bulk_bytes: int, expert_bytes: int, top_k: int, repeats: int = 5) -> dict:
     """Host-to-device bytes per second: one bulk copy of a pinned-host array; then rows picked by
     device-computed indices from a pinned stack, each copied inside one jitted call, as
@@ -98,13 +87,15 @@ def pcie_rates(bulk_bytes: int, expert_bytes: int, top_k: int, repeats: int = 5)
     import jax
     import jax.numpy as jnp
 
+    from moejax.bench.roofline import median_seconds
+
     device = jax.local_devices()[0]
     host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
     to_device = jax.memory.Space.Device
     out = {"bulk_bytes": bulk_bytes}
     bulk = jax.device_put(np.ones(bulk_bytes // 4, np.float32), host)
     copy = jax.jit(lambda a: jax.device_put(a, to_device))
-    out["bulk_bytes_per_s"] = bulk.nbytes / _median(lambda: copy(bulk), repeats)
+    out["bulk_bytes_per_s"] = bulk.nbytes / median_seconds(copy, (bulk,), repeats)
     del bulk
 
     def gather_rate(slices: int, slice_bytes: int) -> float:
@@ -118,7 +109,7 @@ def pcie_rates(bulk_bytes: int, expert_bytes: int, top_k: int, repeats: int = 5)
             return jnp.concatenate(picked, axis=0)
 
         ids = jnp.asarray(np.random.default_rng(0).choice(rows, slices, replace=False).astype(np.int32))
-        seconds = _median(lambda: gather(stack, ids), repeats)
+        seconds = median_seconds(gather, (stack, ids), repeats)
         moved = slices * stack.nbytes / rows
         del stack
         return moved / seconds
@@ -149,18 +140,6 @@ def _device_bytes_in_use() -> int | None:
     return stats.get("bytes_in_use")
 
 
-def _host_rss_bytes(field: str = "VmRSS") -> int | None:
-    """This process's resident host memory (VmRSS) or its peak so far (VmHWM)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def measure_engine(model_dir: str, args, results: dict) -> None:
     import jax
 
@@ -185,8 +164,8 @@ def measure_engine(model_dir: str, args, results: dict) -> None:
     results["engine"] = {
         "construct_s": time.perf_counter() - t0, "quantization": quantization, "max_model_len": max_model_len,
         "device_param_bytes": device, "host_param_bytes": host, "kv_pool_bytes": pool,
-        "device_bytes_in_use": in_use, "device_bytes_before": before, "host_rss_bytes": _host_rss_bytes(),
-        "host_peak_rss_bytes": _host_rss_bytes("VmHWM"),
+        "device_bytes_in_use": in_use, "device_bytes_before": before, "host_rss_bytes": proc_bytes("/proc/self/status", "VmRSS"),
+        "host_peak_rss_bytes": proc_bytes("/proc/self/status", "VmHWM"),
         "plan_weight_bytes_per_device": plan.weight_bytes_per_device, "plan_host_weight_bytes":
         plan.host_weight_bytes}
     _log(f"engine built in {results['engine']['construct_s']:.1f} s: {device / GIB:.2f} GiB on the device, "

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from moejax.bench.measure import error_text
 
 
-def _median_seconds(fn, args, repeats: int) -> float:
+def median_seconds(fn, args, repeats: int) -> float:
+    """Median seconds of fn(*args) over `repeats` calls, after one call that compiles and warms up."""
     jax.block_until_ready(fn(*args))  # compile and warm up
     times = []
     for _ in range(repeats):
@@ -32,7 +33,7 @@ def hbm_bandwidth(nbytes: int, repeats: int = 10) -> dict:
     rows = max(nbytes // (2 * cols), 1)
     x = jnp.ones((rows, cols), jnp.bfloat16)
     copy = jax.jit(lambda a: -a)
-    seconds = _median_seconds(copy, (x,), repeats)
+    seconds = median_seconds(copy, (x,), repeats)
     moved = 2 * x.size * x.dtype.itemsize
     del x
     return {"hbm_bytes_per_s": moved / seconds, "copy_bytes": moved // 2, "copy_ms": seconds * 1e3}
@@ -44,7 +45,7 @@ def matmul_rate(n: int, repeats: int = 10) -> dict:
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
     dot = jax.jit(jnp.dot)
-    seconds = _median_seconds(dot, (a, b), repeats)
+    seconds = median_seconds(dot, (a, b), repeats)
     del a, b
     return {"matmul_flops_per_s": 2 * n**3 / seconds, "matmul_n": n, "matmul_ms": seconds * 1e3}
 

@@ -46,6 +46,7 @@ class ExpertCachePolicy:
         self.routed = 0  # (token, expert) assignments counted so far
         self.hits = 0  # of them, to an expert that had a slot at the time
         runner.params = dict(runner.params, caches=caches)
+        runner.count_experts = True  # the step counts each layer's routed tokens per expert: observe() reads them
 
     def observe(self, counts) -> None:
         """One step's counts int [MoE layers, E]; refreshes the cache every refresh_steps steps."""

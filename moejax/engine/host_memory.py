@@ -47,9 +47,10 @@ def size_pinned_pool(host_weight_bytes: int) -> int | None:
     return gib
 
 
-def _meminfo(field: str) -> int | None:
+def proc_bytes(path: str, field: str) -> int | None:
+    """A "Field: N kB" line of a /proc file (/proc/meminfo, /proc/self/status) in bytes, or None."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
@@ -60,8 +61,15 @@ def _meminfo(field: str) -> int | None:
 
 def available_host_memory() -> int | None:
     """Bytes of host memory available now (MemAvailable), or None where it cannot be read."""
-    return _meminfo("MemAvailable")
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def total_host_memory() -> int | None:
-    return _meminfo("MemTotal")
+    return proc_bytes("/proc/meminfo", "MemTotal")
+
+
+def pool_too_small(host_weight_bytes: int) -> str:
+    """What to tell a user whose offloaded experts exceed the pinned pool."""
+    return (f"offload_experts=True keeps {host_weight_bytes / GIB:.2f} GiB of routed experts in pinned host "
+            f"memory, and XLA's pool of it is capped at {pinned_pool_bytes() / GIB:.0f} GiB; set "
+            f"{PINNED_POOL_ENV} (GiB) before jax starts, or quantize the experts")

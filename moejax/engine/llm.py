@@ -15,8 +15,7 @@ import numpy as np
 from moejax.checkpoints.hf import load_hf_state
 from moejax.config import ModelConfig
 from moejax.engine.engine import LLMEngine
-from moejax.engine.host_memory import (PINNED_POOL_ENV, available_host_memory, pinned_pool_bytes,
-                                       size_pinned_pool)
+from moejax.engine.host_memory import available_host_memory, pinned_pool_bytes, pool_too_small, size_pinned_pool
 from moejax.engine.outputs import RequestOutput
 from moejax.engine.runner import Buckets, ModelRunner, bucket
 from moejax.engine.sampling import SamplingParams
@@ -229,10 +228,8 @@ class LLM:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             if "Out of host memory" in str(e):
-                raise ValueError(
-                    f"offload_experts=True: {plan.host_weight_bytes / 1024**3:.2f} GiB of routed experts did not "
-                    f"fit XLA's pinned host memory pool of {pinned_pool_bytes() / 1024**3:.0f} GiB; set "
-                    f"{PINNED_POOL_ENV} (GiB) before jax starts, or quantize the experts") from None
+                raise ValueError(f"model {self.model_path!r} does not fit: "
+                                 f"{pool_too_small(plan.host_weight_bytes)}") from None
             # The plan fitted but the allocator did not (fragmentation, or memory used outside the plan).
             pool_gib = num_pages * page_size * plan.kv_bytes_per_token / 1024**3
             raise ValueError(
@@ -245,7 +242,6 @@ class LLM:
             from moejax.engine.expert_cache import ExpertCachePolicy
 
             expert_cache = ExpertCachePolicy(self.runner, offload_cache_experts)
-            self.runner.count_experts = True
         self.tokenizer = Tokenizer(model) if Tokenizer.exists(model) else None
         self.eos_token_ids = set(c.eos_token_ids) | _generation_eos(model)
         self.llm_engine = LLMEngine(
@@ -262,10 +258,7 @@ class LLM:
         host_free = available_host_memory()
         on_gpu = jax.default_backend() == "gpu"
         if plan.host_weight_bytes and on_gpu and plan.host_weight_bytes > pinned_pool_bytes():
-            raise ValueError(f"model {self.model_path!r} does not fit: offload_experts=True keeps "
-                             f"{plan.host_weight_bytes / gib:.2f} GiB of routed experts in pinned host memory, and "
-                             f"XLA's pool of it is capped at {pinned_pool_bytes() / gib:.0f} GiB; set "
-                             f"{PINNED_POOL_ENV} (GiB) before jax starts, or quantize the experts")
+            raise ValueError(f"model {self.model_path!r} does not fit: {pool_too_small(plan.host_weight_bytes)}")
         if plan.host_weight_bytes and host_free is not None and plan.host_weight_bytes > host_free:
             raise ValueError(f"model {self.model_path!r} does not fit: offload_experts=True keeps "
                              f"{plan.host_weight_bytes / gib:.2f} GiB of routed experts in host memory, which has "
