@@ -59,6 +59,9 @@ def test_bench_offload_runs_on_the_embedded_model(tmp_path, capsys):
     # (timings on a shared CPU say nothing, and a difference of two short runs can even come out negative)
     assert set(results["decode"]) == {"1", "2"} and math.isfinite(results["decode"]["1"]["ms_per_step"])
     assert set(results["host"]["by_threads"]) == {"1", "2"}
+    rates = results["host_compute"]
+    assert set(rates["by_tokens"]) == {"1", "16"} and all(r > 0 for r in rates["by_tokens"].values())
+    assert "host compute, JAX CPU backend" in text
     assert "decode b=2" in text and "prefill 32 tokens" in text and "2 per layer cached" in text
     assert engine["device_param_bytes"] > 0 and results["pinned_pool_bytes"] > 0
     assert engine["cache_experts_per_layer"] == 2 and 0 <= engine["cache_hit_share"] <= 1

@@ -7,7 +7,10 @@ In one process, in this order:
      host-side expert compute could reach);
   2. PCIe host-to-device: one bulk pinned-host copy, and the engine's own pattern (top-k dynamic slices of an
      expert-sized pinned stack, each copied inside jit);
-  3. the engine: `LLM(config, load_format="dummy", quantization=..., offload_experts=True)`, optionally cut to
+  3. host compute (the issue's option (a)): k routed experts for 1 and 16 tokens computed by JAX's CPU backend
+     in this process from their stored (quantized) form, as expert bytes per second; the engine copies experts
+     over PCIe instead where that rate is the higher;
+  4. the engine: `LLM(config, load_format="dummy", quantization=..., offload_experts=True)`, optionally cut to
      `--layers`; device memory in use beside the planner's weights, host bytes beside the planner's; decode ms
      per step at each batch size and one prefill of `--offload-prefill-len` tokens.
 The bounds count only the routed expert bytes a step must read (expected distinct experts per MoE layer under
@@ -116,6 +119,39 @@ def pcie_rates(bulk_bytes: int, expert_bytes: int, top_k: int, repeats: int = 5)
 
     out["gather_bytes_per_s"] = gather_rate(3 * top_k, expert_bytes // 3)
     out["gather_whole_expert_bytes_per_s"] = gather_rate(top_k, expert_bytes)
+    return out
+
+
+def host_compute_rates(embed: int, mlp: int, top_k: int, bits: int | None, tokens=(1, 16),
+                       repeats: int = 5) -> dict:
+    """Expert bytes per second that JAX's CPU backend reaches computing `top_k` gated experts (stored form:
+    int4/int8 with their scales, or bf16) for each token count: the rate option (a) of the host-offload design
+    (experts computed where they live, only activations crossing PCIe) would stream expert weights at."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.bench.roofline import median_seconds
+    from moejax.kernels.experts import Activation, ExpertWeights, experts_reference
+    from moejax.kernels.quant import quantize
+
+    cpu = jax.devices("cpu")[0]
+    keys = jax.random.split(jax.random.key(0), 3)
+    with jax.default_device(cpu):
+        def weight(key, shape):
+            w = (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
+            return w if bits is None else quantize(w, bits)
+
+        params = ExpertWeights(weight(keys[0], (top_k, embed, mlp)), weight(keys[1], (top_k, embed, mlp)),
+                               weight(keys[2], (top_k, mlp, embed)))
+        nbytes = sum(int(a.nbytes) for a in jax.tree.leaves(params))
+        compute = jax.jit(lambda x, w, ids, p: experts_reference(x, w, ids, p, Activation()))
+        out = {"expert_bytes": nbytes / top_k, "by_tokens": {}}
+        for t in tokens:
+            x = jnp.ones((t, embed), jnp.bfloat16)
+            ids = jnp.asarray(np.arange(t * top_k).reshape(t, top_k) % top_k, jnp.int32)
+            w = jnp.full((t, top_k), 1.0 / top_k, jnp.float32)
+            seconds = median_seconds(compute, (x, w, ids, params), repeats)
+            out["by_tokens"][str(t)] = nbytes / seconds
     return out
 
 
@@ -236,6 +272,12 @@ def build_table(results: dict, costs: dict, batches: list[int], prefill_len: int
             return cell(None, "engine")
         return f"{eng[a] / GIB:.2f}" + ("" if eng.get(b) is None else f" ({what} {eng[b] / GIB:.2f})")
 
+    hc = (results.get("host_compute") or {}).get("by_tokens") or {}
+    for t, rate in hc.items():
+        table.add(f"host compute, JAX CPU backend, k experts x {t} token(s) (GB/s of expert bytes)", Missing(),
+                  rate / 1e9)
+    if "host_compute" in errors:
+        table.add("host compute, JAX CPU backend", Missing(), cell(None, "host_compute"))
     table.add("device params, GiB (the plan's)", pair("device_param_bytes", "plan_weight_bytes_per_device", "plan"))
     table.add("host params, GiB (the plan's)", pair("host_param_bytes", "plan_host_weight_bytes", "plan"))
     table.add("device memory in use, GiB (KV pool)", pair("device_bytes_in_use", "kv_pool_bytes", "pool"))
@@ -310,6 +352,9 @@ def run(args) -> int:
             ("host", lambda: host_read_bandwidth(int(args.host_gib * GIB), threads)),
             ("pcie", lambda: pcie_rates(int(min(args.host_gib, 1.0) * GIB), int(min(costs["expert_bytes"], 2**28)),
                                         costs["top_k"])),
+            ("host_compute", lambda: host_compute_rates(
+                config.hidden_size, config.moe_intermediate_size, costs["top_k"],
+                {"int4": 4, "int8": 8}.get(args.offload_quantization), tokens=(1, 16))),
             ("engine", lambda: measure_engine(model_dir, args, results)),
         ):
             _log(name)
