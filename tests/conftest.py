@@ -13,6 +13,24 @@ _argv = sys.argv[1:]
 if not ("-m" in _argv and "gpu" in _argv[_argv.index("-m") + 1: _argv.index("-m") + 2]):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _import_hub_kernels() -> None:
+    """transformers >= 5.25 imports Hugging Face's `kernels` package, and the repository's top-level kernels/
+    folder (which installs as moejax.kernels) would shadow it while the root is on sys.path: import the
+    installed one first, with the root left out, so `kernels` names it for the rest of the run."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_hub_kernels()
+
 import pytest  # noqa: E402
 
 from tests.hf_models import FAMILIES, make_hf_model  # noqa: E402,F401

@@ -3,8 +3,11 @@
 XLA keeps GPU-visible ("pinned_host") buffers in one BFC pool whose cap, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (64 GiB
 by default), is read once when the GPU backend starts. The pool grows in regions that double in size each time it
 grows, up to the cap, and never gives memory back; with a cap at the host's RAM, loading 38 GiB of experts left
-84 GiB pinned. So the engine sets the cap, before the backend starts, to what offloading needs: the experts plus
-one stacked weight of them (stacking the layers holds both for a moment) and a margin.
+84 GiB pinned. So the engine sets the cap, before the backend starts, to what offloading needs: the experts
+twice over and a margin. Twice, because the layers are loaded one by one and then stacked: a stacked weight needs
+one free stretch of pinned memory, and the per-layer pieces freed before it leave holes between the pieces still
+held that it cannot use (measured on the H200: DeepSeek-V3's 38 GiB of int4 experts did not stack in a 58 GiB
+pool). This caps the experts a host can offload at about half its RAM.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ def pinned_pool_bytes() -> int:
         return XLA_DEFAULT_POOL_GIB * GIB
 
 
-def pool_bytes_for(host_weight_bytes: int, weights_per_expert: int = 3) -> int:
-    """The pinned pool that holds `host_weight_bytes` of experts while they are stacked: all of them, plus the
-    largest stacked weight (at most a third of a gated expert's bytes), 5% and 2 GiB more."""
-    return int((host_weight_bytes * (1 + 1 / weights_per_expert)) * 1.05) + 2 * GIB
+def pool_bytes_for(host_weight_bytes: int) -> int:
+    """The pinned pool that holds `host_weight_bytes` of experts while they are stacked: the per-layer pieces
+    and the stacked arrays, 2 GiB more."""
+    return 2 * host_weight_bytes + 2 * GIB
 
 
 def size_pinned_pool(host_weight_bytes: int) -> int | None:

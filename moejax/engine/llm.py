@@ -15,7 +15,8 @@ import numpy as np
 from moejax.checkpoints.hf import load_hf_state
 from moejax.config import ModelConfig
 from moejax.engine.engine import LLMEngine
-from moejax.engine.host_memory import available_host_memory, pinned_pool_bytes, pool_too_small, size_pinned_pool
+from moejax.engine.host_memory import (available_host_memory, pinned_pool_bytes, pool_bytes_for, pool_too_small,
+                                      size_pinned_pool)
 from moejax.engine.outputs import RequestOutput
 from moejax.engine.runner import Buckets, ModelRunner, bucket
 from moejax.engine.sampling import SamplingParams
@@ -259,6 +260,13 @@ class LLM:
         on_gpu = jax.default_backend() == "gpu"
         if plan.host_weight_bytes and on_gpu and plan.host_weight_bytes > pinned_pool_bytes():
             raise ValueError(f"model {self.model_path!r} does not fit: {pool_too_small(plan.host_weight_bytes)}")
+        if plan.host_weight_bytes and on_gpu and host_free is not None and \
+                pool_bytes_for(plan.host_weight_bytes) > host_free:
+            raise ValueError(f"model {self.model_path!r} does not fit: offload_experts=True keeps "
+                             f"{plan.host_weight_bytes / gib:.2f} GiB of routed experts in pinned host memory and "
+                             f"needs {pool_bytes_for(plan.host_weight_bytes) / gib:.2f} GiB of it while stacking "
+                             f"the layers, but the host has {host_free / gib:.2f} GiB available; "
+                             f"quantization='int4' or 'int8' shrinks them")
         if plan.host_weight_bytes and host_free is not None and plan.host_weight_bytes > host_free:
             raise ValueError(f"model {self.model_path!r} does not fit: offload_experts=True keeps "
                              f"{plan.host_weight_bytes / gib:.2f} GiB of routed experts in host memory, which has "
