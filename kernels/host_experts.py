@@ -160,24 +160,23 @@ def empty_cache(host: ExpertWeights, slots: int) -> ExpertCache:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _fill(weights: ExpertWeights, host: ExpertWeights, layers_U, slots_U, experts_U) -> ExpertWeights:
-    """weights (the cache's [L, S, ...] slots) with host[layers_U[u], experts_U[u]] copied into slot slots_U[u]."""
+def _fill(weights: ExpertWeights, host: ExpertWeights, count, layers_U, slots_U, experts_U) -> ExpertWeights:
+    """weights (the cache's [L, S, ...] slots) with host[layers_U[u], experts_U[u]] copied into slot slots_U[u]
+    for u < count: a loop of `count` trips (a traced count), so one program serves every fill size."""
     def put(buf, stacked, u):
         row = _host_row(stacked, layers_U[u], experts_U[u])[None]
         return jax.lax.dynamic_update_slice(buf, row, (layers_U[u], slots_U[u]) + (0,) * (buf.ndim - 2))
 
-    for u in range(layers_U.shape[0]):
-        weights = jax.tree.map(lambda b, h, u=u: put(b, h, u), weights, host)
-    return weights
+    return jax.lax.fori_loop(0, count, lambda u, w: jax.tree.map(lambda b, h: put(b, h, u), w, host), weights)
 
 
-FILL_CHUNK = 256  # most experts one fill program copies (a first fill of every slot runs several)
+FILL_CHUNK = 256  # updates one fill call takes (a first fill of every slot makes several calls)
 
 
 def fill(cache: ExpertCache, host: ExpertWeights, updates, slot_of_LE) -> ExpertCache:
     """cache with experts copied in from the host stack: updates is a list of (layer, slot, expert); slot_of_LE
-    the new [L, E] table (numpy). Updates go FILL_CHUNK at a time, the last chunk rounded up to a power of two
-    (repeating its last update), so at most log2(FILL_CHUNK) + 1 programs compile."""
+    the new [L, E] table (numpy). Updates go FILL_CHUNK at a time through one compiled program (the table
+    padded to FILL_CHUNK rows, the count telling the loop where to stop), so a refresh never compiles."""
     import numpy as np
 
     weights = cache.weights
@@ -185,10 +184,11 @@ def fill(cache: ExpertCache, host: ExpertWeights, updates, slot_of_LE) -> Expert
     updates = list(updates)
     for start in range(0, len(updates), FILL_CHUNK):
         chunk = updates[start:start + FILL_CHUNK]
-        n = 1 << (len(chunk) - 1).bit_length()
-        rows = np.asarray(chunk + [chunk[-1]] * (n - len(chunk)), np.int32)
+        rows = np.zeros((FILL_CHUNK, 3), np.int32)
+        rows[:len(chunk)] = chunk
         # the step's compiled executables take the cache in its own shardings
-        weights = jax.device_put(_fill(weights, host, rows[:, 0], rows[:, 1], rows[:, 2]), shardings)
+        weights = jax.device_put(_fill(weights, host, np.int32(len(chunk)), rows[:, 0], rows[:, 1], rows[:, 2]),
+                                 shardings)
     table = jax.device_put(np.asarray(slot_of_LE, np.int32), cache.slot_of.sharding)
     return ExpertCache(weights, table)
 

@@ -55,7 +55,7 @@ def test_cached_and_host_experts_are_the_same_weights(bits):
         np.testing.assert_array_equal(np.asarray(jax.tree.leaves(cached.w_down)[0]), want)
 
 
-def test_a_fill_larger_than_a_chunk_copies_every_expert(monkeypatch):
+def test_a_fill_larger_than_a_chunk_copies_every_expert_with_one_program(monkeypatch):
     monkeypatch.setattr(hx, "FILL_CHUNK", 4)
     rng = np.random.default_rng(1)
     layers, experts, slots = 2, 8, 5
@@ -68,3 +68,8 @@ def test_a_fill_larger_than_a_chunk_copies_every_expert(monkeypatch):
     for l, s, e in updates:
         np.testing.assert_array_equal(np.asarray(cache.weights.w_up[l, s]), np.asarray(host.w_up[l, e]))
     assert np.array_equal(np.asarray(cache.slot_of), slot_of)
+    # every fill size runs the one program: a refresh between steps never compiles
+    compiled = hx._fill._cache_size()
+    cache = hx.fill(cache, host, updates[:1], slot_of)
+    cache = hx.fill(cache, host, updates[:3], slot_of)
+    assert hx._fill._cache_size() == compiled
