@@ -23,8 +23,10 @@ def _host_stack(rng, layers, experts, d, f, bits):
     return ExpertWeights(weight((d, f)), weight((d, f)), weight((f, d)))
 
 
-@pytest.mark.parametrize("bits", [None, 4])
-def test_cached_and_host_experts_are_the_same_weights(bits):
+@pytest.mark.parametrize("bits,branches", [(None, 16), (4, 16), (None, 2)])
+def test_cached_and_host_experts_are_the_same_weights(bits, branches, monkeypatch):
+    # branches=2: the misses are copied two rows at a time, some hits copied again from the host
+    monkeypatch.setattr(hx, "MISS_BRANCHES", branches)
     rng = np.random.default_rng(0)
     layers, experts, slots = 3, 8, 3
     host = _host_stack(rng, layers, experts, 16, 8, bits)
@@ -44,7 +46,7 @@ def test_cached_and_host_experts_are_the_same_weights(bits):
             cached = hx.fetch_routed(ids_TK, params, experts)
         return plain, cached
 
-    for layer in range(layers):
+    for layer in list(range(layers)) * 2:
         ids_TK = jnp.asarray(rng.choice(experts, (2, 2), replace=False).astype(np.int32))
         (plain, plain_ids), (cached, cached_ids) = fetch(ids_TK, jnp.int32(layer), cache)
         assert np.array_equal(plain_ids, cached_ids)
