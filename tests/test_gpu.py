@@ -165,9 +165,12 @@ def test_offloaded_experts_on_gpu_decode_the_same(quantization):
     _assert_same_greedy_tokens(off, ref, max_tokens=8)
 
 
-def test_expert_cache_on_gpu_decodes_the_same():
+def test_expert_cache_on_gpu_decodes_the_same(monkeypatch):
     """offload_cache_experts on the GPU: hits gathered from the device cache, misses copied from pinned host
     memory in a loop inside the layer scan, the cache refilled between steps; the device-resident tokens."""
+    from moejax.kernels import host_experts
+
+    monkeypatch.setattr(host_experts, "CACHE_MIN_TOKENS", 1)  # small decode steps read the cache too
     kw = dict(dtype="float32", max_model_len=256, max_num_seqs=4)
     ref, off = LLM(**kw), LLM(offload_experts=True, offload_cache_experts=3, **kw)
     policy = off.llm_engine.expert_cache

@@ -8,6 +8,7 @@ import pytest
 
 from moejax import LLM, SamplingParams
 from moejax.engine.expert_cache import ExpertCachePolicy
+from moejax.kernels import host_experts
 from tests.engine.test_offload import PROMPTS, _placement
 from tests.hf_models import make_deepseek
 
@@ -21,7 +22,8 @@ def deepseek_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("family, quantization", [("deepseek", None), ("qwen3_moe", "int4")])
 def test_cached_experts_give_the_same_tokens_and_hold_what_the_policy_chose(
-        hf_model_dir, deepseek_dir, family, quantization):
+        hf_model_dir, deepseek_dir, family, quantization, monkeypatch):
+    monkeypatch.setattr(host_experts, "CACHE_MIN_TOKENS", 1)  # the decode steps of two prompts read the cache
     path = deepseek_dir if family == "deepseek" else hf_model_dir(family)
     kw = dict(dtype="float32", quantization=quantization)
     ref = LLM(path, **kw)

@@ -23,10 +23,9 @@ def _host_stack(rng, layers, experts, d, f, bits):
     return ExpertWeights(weight((d, f)), weight((d, f)), weight((f, d)))
 
 
-@pytest.mark.parametrize("bits,branches", [(None, 16), (4, 16), (None, 2)])
-def test_cached_and_host_experts_are_the_same_weights(bits, branches, monkeypatch):
-    # branches=2: the misses are copied two rows at a time, some hits copied again from the host
-    monkeypatch.setattr(hx, "MISS_BRANCHES", branches)
+@pytest.mark.parametrize("bits", [None, 4])
+def test_cached_and_host_experts_are_the_same_weights(bits, monkeypatch):
+    monkeypatch.setattr(hx, "CACHE_MIN_TOKENS", 1)  # the steps below have 2 tokens
     rng = np.random.default_rng(0)
     layers, experts, slots = 3, 8, 3
     host = _host_stack(rng, layers, experts, 16, 8, bits)
@@ -46,7 +45,7 @@ def test_cached_and_host_experts_are_the_same_weights(bits, branches, monkeypatc
             cached = hx.fetch_routed(ids_TK, params, experts)
         return plain, cached
 
-    for layer in list(range(layers)) * 2:
+    for layer in range(layers):
         ids_TK = jnp.asarray(rng.choice(experts, (2, 2), replace=False).astype(np.int32))
         (plain, plain_ids), (cached, cached_ids) = fetch(ids_TK, jnp.int32(layer), cache)
         assert np.array_equal(plain_ids, cached_ids)
@@ -55,6 +54,29 @@ def test_cached_and_host_experts_are_the_same_weights(bits, branches, monkeypatc
         # the weights fetched are those of the routed experts, in ascending id order
         want = np.asarray(jax.tree.leaves(host.w_down)[0])[layer][np.unique(np.asarray(ids_TK))]
         np.testing.assert_array_equal(np.asarray(jax.tree.leaves(cached.w_down)[0]), want)
+
+
+@pytest.mark.parametrize("tokens", [1, hx.CACHE_MIN_TOKENS])
+def test_steps_of_few_tokens_copy_every_routed_expert(tokens):
+    # a slot that claims expert 3 holds expert 4's weights: only a step that reads the cache sees them
+    rng = np.random.default_rng(2)
+    layers, experts = 1, 16  # more than the step's 2 * tokens assignments: not the whole-layer copy
+    host = _host_stack(rng, layers, experts, 4, 4, None)
+    slot_of = -np.ones((layers, experts), np.int32)
+    slot_of[0, 3] = 0
+    cache = hx.fill(hx.empty_cache(host, 1), host, [(0, 0, 4)], slot_of)
+    ids_TK = jnp.full((tokens, 2), 3, jnp.int32).at[:, 1].set(5)
+
+    @jax.jit
+    def fetch(cache):
+        params = ExpertWeights(*(LayerWeight(w, jnp.int32(0)) for w in (host.w_gate, host.w_up, host.w_down)))
+        with hx.layer_cache(cache, jnp.int32(0)):
+            return hx.fetch_routed(ids_TK, params, experts)
+
+    local, ids = fetch(cache)
+    first = np.asarray(local.w_up)[int(np.asarray(ids)[0, 0])]
+    want = 4 if tokens >= hx.CACHE_MIN_TOKENS else 3
+    np.testing.assert_array_equal(first, np.asarray(host.w_up[0, want]))
 
 
 def test_a_fill_larger_than_a_chunk_copies_every_expert_with_one_program(monkeypatch):
