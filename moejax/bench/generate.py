@@ -111,9 +111,12 @@ def _max_model_len(args) -> int:
     return int(math.ceil((longest + 16) / 256) * 256)
 
 
-def _env(extra: dict | None = None) -> dict:
+def _env(extra: dict | None = None, moejax_root: bool = True) -> dict:
+    """The workers' environment: moejax's root on PYTHONPATH for the moejax worker (not for transformers', which
+    never imports moejax and whose `kernels` dependency the root's kernels/ folder would shadow)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    if moejax_root:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     env.update(extra or {})
     return env
 
@@ -286,7 +289,7 @@ def run_peers(args, spec_file, peer_requests: int) -> dict:
     def peer(role, label):
         _log(label)
         r = run_worker([sys.executable, PEER_SCRIPT, spec_file(f"peer-{role}", {**common, "role": role})],
-                       label, _env(), args.worker_timeout)
+                       label, _env(moejax_root=False), args.worker_timeout)
         return _worker_result(r)
 
     out = {"transformers_generate": peer("generate", "transformers generate")}

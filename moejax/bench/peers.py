@@ -30,6 +30,20 @@ def _load_measure():
 M = _load_measure()
 
 
+def _drop_moejax_source_root() -> None:
+    """Leave moejax's source root off sys.path: its top-level kernels/ folder (moejax.kernels) would shadow
+    Hugging Face's `kernels` package, which transformers >= 5.25 imports."""
+    def is_source_root(p):
+        p = os.path.abspath(p or os.curdir)
+        return os.path.isfile(os.path.join(p, "moejax", "__init__.py")) and \
+            os.path.isfile(os.path.join(p, "kernels", "__init__.py"))
+
+    sys.path[:] = [p for p in sys.path if not is_source_root(p)]
+
+
+_drop_moejax_source_root()
+
+
 def _oom_types():
     import torch
 
