@@ -8,6 +8,8 @@ import os
 import sys
 
 from moejax.config import ModelConfig
+from moejax.plan.comm import (HBM_TBPS, INFINIBAND_GBPS, MATMUL_TFLOPS, NODE_DEVICES, NVLINK_GBPS, LayoutEstimate,
+                               Links, describe, estimate, rank_layouts)
 from moejax.plan.memory import GIB, KINDS, Mesh, MemoryPlan, plan_memory
 
 
@@ -34,6 +36,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    g = p.add_argument_group("layouts and communication")
+    g.add_argument("--devices", type=int, default=None,
+                   help="with no layout flags: list the layouts of N devices that fit, by estimated decode step")
+    g.add_argument("--link-gbps", type=float, default=None,
+                   help=f"link rate inside a node, Gbit/s per GPU (default NVLink {NVLINK_GBPS:.0f})")
+    g.add_argument("--inter-node-gbps", type=float, default=INFINIBAND_GBPS,
+                   help=f"link rate between nodes, Gbit/s per GPU (default InfiniBand {INFINIBAND_GBPS:.0f})")
+    g.add_argument("--node-devices", type=int, default=NODE_DEVICES, help="GPUs per node (default 8)")
+    g.add_argument("--batch", type=int, default=None,
+                   help="sequences of the decode step the estimate times (default --max-num-seqs)")
+    g.add_argument("--context", type=int, default=2048, help="cached tokens per sequence of that step")
+    g.add_argument("--hbm-tbps", type=float, default=HBM_TBPS, help="HBM read rate, TB/s (default an H100's)")
+    g.add_argument("--tflops", type=float, default=MATMUL_TFLOPS, help="bf16 matmul rate, TFLOP/s")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -55,20 +70,92 @@ def run(args) -> int:
     except ValueError as e:
         raise ValueError(f"MODEL_OR_CONFIG: {e}") from None
     config = ModelConfig.from_file(path)
+    for name in ("node_devices", "context"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("link_gbps", "inter_node_gbps", "hbm_tbps", "tflops"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be a positive integer, got {args.batch}")
     mesh = Mesh(args.tp, args.ep, args.dp, expert_over_tp=args.enable_expert_parallel, pp=args.pp,
                 dp_attention=args.enable_dp_attention)
-    plan = plan_memory(config, mesh=mesh, dtype=args.dtype,
-                       quantization=args.quantization, offload_experts=args.offload_experts,
-                       offload_cache_experts=args.offload_cache_experts,
-                       device_memory_bytes=int(args.gpu_memory * GIB),
-                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       max_num_seqs=args.max_num_seqs, model=args.model if path != args.model else os.path.basename(os.path.normpath(path)),
-                       kv_cache_dtype=args.kv_cache_dtype)
+    name = args.model if path != args.model else os.path.basename(os.path.normpath(path))
+    plan_kw = dict(dtype=args.dtype, quantization=args.quantization, offload_experts=args.offload_experts,
+                   offload_cache_experts=args.offload_cache_experts, device_memory_bytes=int(args.gpu_memory * GIB),
+                   gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                   max_num_seqs=args.max_num_seqs, model=name, kv_cache_dtype=args.kv_cache_dtype)
+    links = Links(intra_gbps=args.link_gbps or NVLINK_GBPS, inter_gbps=args.inter_node_gbps,
+                  node_devices=args.node_devices)
+    workload = dict(batch=args.batch or args.max_num_seqs, context=args.context, links=links,
+                    hbm_tbps=args.hbm_tbps, matmul_tflops=args.tflops)
+    if args.devices is not None:
+        if args.devices < 1:
+            raise ValueError(f"--devices must be a positive integer, got {args.devices}")
+        if mesh != Mesh():
+            if mesh.devices != args.devices:
+                raise ValueError(f"--devices {args.devices}: the layout given uses {mesh.devices} devices; leave "
+                                 "out the layout flags to rank every layout of N devices")
+        else:
+            ranked, rejected = rank_layouts(config, args.devices, **workload, **plan_kw)
+            if args.json:
+                # the top level is the best layout's plan (the keys every plan --json has), then the ranking
+                top = ranked[0].plan.to_json() if ranked else {"model": name, "fits": False}
+                print(json.dumps(dict(top, devices=args.devices, workload=_workload_json(workload),
+                                      layouts=[e.to_json() for e in ranked], not_fitting=rejected)))
+            else:
+                print(format_ranking(name, args.devices, ranked, rejected, workload))
+            return 0
+    plan = plan_memory(config, mesh=mesh, **plan_kw)
+    comm = estimate(config, mesh, **workload, **plan_kw)
     if args.json:
-        print(json.dumps(plan.to_json()))
+        print(json.dumps(dict(plan.to_json(), communication=dict(comm.to_json(), workload=_workload_json(workload)))))
     else:
         print(format_plan(plan))
+        print(format_communication(comm, workload))
     return 0
+
+
+def _workload_json(workload: dict) -> dict:
+    links = workload["links"]
+    return {"batch": workload["batch"], "context": workload["context"], "intra_node_gbps": links.intra_gbps,
+            "inter_node_gbps": links.inter_gbps, "node_devices": links.node_devices,
+            "hbm_tbps": workload["hbm_tbps"], "tflops": workload["matmul_tflops"]}
+
+
+def _workload_line(workload: dict) -> str:
+    links = workload["links"]
+    return (f"a decode step of {workload['batch']} sequences x {workload['context']:,} cached tokens; links "
+            f"{links.intra_gbps:.0f} Gbit/s in a node of {links.node_devices}, {links.inter_gbps:.0f} between "
+            f"nodes; HBM {workload['hbm_tbps']} TB/s, {workload['matmul_tflops']:.0f} TFLOP/s")
+
+
+def format_communication(est: LayoutEstimate, workload: dict) -> str:
+    lines = ["", f"communication per device, {_workload_line(workload)}:"]
+    if not est.collectives:
+        lines.append("  none")
+    for c in est.collectives:
+        lines.append(f"  {c.kind:<18} over {'x'.join(c.axes):<6} {c.count:>4} x {c.bytes_per_device / 1e6:10.3f} MB"
+                     f"  ({c.link}-node)")
+    lines.append(f"  total {est.comm_bytes_per_device / 1e6:.2f} MB; estimated step {est.step_s * 1e3:.2f} ms for "
+                 f"{est.sequences:,} sequences ({est.tokens_per_s:,.0f} tokens/s)")
+    return "\n".join(lines)
+
+
+def format_ranking(name: str, devices: int, ranked: list[LayoutEstimate], rejected: int, workload: dict) -> str:
+    lines = [f"model {name}: layouts of {devices} devices that fit, most estimated decode tokens/s first",
+             f"({_workload_line(workload)}; {rejected} other layouts do not fit)",
+             "weights per device, the replica's KV cache, the sequences it runs, communication per device per step:",
+             "",
+             f"{'layout':<34}{'weights/dev':>12}{'KV tokens':>13}{'sequences':>10}{'comm/dev':>11}{'step':>10}"
+             f"{'tokens/s':>11}"]
+    for e in ranked:
+        lines.append(f"{describe(e.mesh):<34}{e.plan.weight_bytes_per_device / 1e9:>9.2f} GB"
+                     f"{e.plan.kv_cache_tokens:>13,}{e.sequences:>10,}{e.comm_bytes_per_device / 1e6:>8.1f} MB"
+                     f"{e.step_s * 1e3:>7.2f} ms{e.tokens_per_s:>11,.0f}")
+    if not ranked:
+        lines.append("none fits: more devices, --quantization, --dtype fp8 or --offload-experts")
+    return "\n".join(lines)
 
 
 def _gb(n: int) -> str:

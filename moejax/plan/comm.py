@@ -1,0 +1,235 @@
+"""The communication model: bytes each device sends per step under a parallel layout, and a step-time estimate
+that ranks the layouts that fit on N devices (`moejax plan MODEL --devices N`).
+
+Per-device bytes follow the ring algorithms: an all-reduce of S bytes over g ranks sends 2 (g - 1) / g * S, an
+all-to-all sends the (g - 1) / g of its S bytes bound for other ranks, a pipeline hand-off sends S. What each
+layout communicates, per replica step of T tokens with hidden size D (activations in the compute dtype):
+  - tensor parallelism: an all-reduce of [T, D] after attention and after each MLP (a MoE layer's shared expert
+    too), one for the vocabulary-split embedding, and the all-gather of the [T, V] float32 logits;
+  - today's expert parallelism: every expert rank sees all T tokens and one all-reduce of [T, D] over the ranks
+    that split the experts (expert x tensor when the width is split too) combines the routed experts;
+  - DP attention with expert parallelism: each expert rank attends over its own T / ep tokens, and a MoE layer
+    sends each of its tokens' k assignments to the rank of the expert and back (two all-to-alls);
+  - pipeline stages: each stage hands [T, D] to the next.
+Collectives whose ranks span more than one node (devices are numbered pipeline, data, expert, tensor from the
+outside in, `node_devices` to a node) run at the inter-node link rate, the others at the intra-node rate.
+
+The step estimate is a decode step of `batch` sequences of `context` cached tokens spread over the replicas
+(each replica runs as many as its KV cache holds): per device max(bytes read from HBM / HBM rate, FLOPs / matmul rate) plus the communication at the link rates
+with a per-collective latency. Bytes read are the weights a step touches (routed experts by the expected share
+a uniform router touches) and the KV cache of the device's requests. A pipeline of pp stages runs pp
+micro-batches, each reading its stage's weights: (2 pp - 1) stage times per step. Layouts are ranked by decode
+tokens per second over all replicas. It is a model to order layouts, not a prediction of milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from moejax.config import ModelConfig
+from moejax.plan.memory import Mesh, MemoryPlan, plan_memory
+
+NVLINK_GBPS = 3600.0  # gigabits per second per GPU, one direction (NVLink 4: 450 GB/s)
+INFINIBAND_GBPS = 400.0  # one NDR port per GPU
+NODE_DEVICES = 8
+COLLECTIVE_LATENCY_S = {"intra": 10e-6, "inter": 25e-6}
+HBM_TBPS = 3.35  # H100 SXM; an H200 reads about 4.3 TB/s
+MATMUL_TFLOPS = 790.0  # dense bf16 rate reached by a large matmul on Hopper
+
+
+@dataclasses.dataclass(frozen=True)
+class Links:
+    intra_gbps: float = NVLINK_GBPS
+    inter_gbps: float = INFINIBAND_GBPS
+    node_devices: int = NODE_DEVICES
+
+    def bytes_per_s(self, kind: str) -> float:
+        return (self.intra_gbps if kind == "intra" else self.inter_gbps) * 1e9 / 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One kind of collective in a step: per-device bytes sent and how many times it runs."""
+
+    kind: str  # "tp_all_reduce", "ep_all_reduce", "all_to_all", "pipeline_send", "logits_all_gather"
+    axes: tuple[str, ...]  # mesh axes of its group
+    bytes_per_device: float
+    count: int
+    link: str  # "intra" | "inter"
+
+
+def _group_link(mesh: Mesh, axes: tuple[str, ...], links: Links) -> str:
+    """Whether a collective over `axes` stays inside one node: devices are numbered (pp, dp, ep, tp) from the
+    outside in, so a group over an axis spans its size times the sizes of every axis inside it."""
+    order = [("pp", mesh.pp), ("dp", mesh.dp), ("ep", mesh.ep), ("tp", mesh.tp)]
+    span = 1
+    inner = 1
+    for name, size in reversed(order):
+        if name in axes:
+            span = inner * size
+        inner *= size
+    return "intra" if span <= links.node_devices else "inter"
+
+
+def _all_reduce(nbytes: float, ranks: int) -> float:
+    return 2 * (ranks - 1) / ranks * nbytes if ranks > 1 else 0.0
+
+
+def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = "bfloat16",
+                     links: Links = Links()) -> list[Collective]:
+    """The collectives of one replica step over `tokens` tokens, per device (see the module docstring)."""
+    act = 4 if dtype == "float32" else 2
+    d = config.hidden_size
+    row = tokens * d * act  # one [T, D] activation
+    moe_layers = config.num_moe_layers
+    dense_layers = config.num_layers - moe_layers
+    out: list[Collective] = []
+
+    def add(kind, axes, per_device, count):
+        if per_device > 0 and count > 0:
+            out.append(Collective(kind, axes, per_device, count, _group_link(mesh, axes, links)))
+
+    # attention's batch: split over the expert ranks too with DP attention
+    attn_tokens = tokens / mesh.ep if mesh.dp_attention else tokens
+    tp_row = attn_tokens * d * act
+    per_stage = max(1, mesh.pp)
+    layers_here = -(-config.num_layers // per_stage)  # a device's stage (the largest)
+    moe_here = -(-moe_layers // per_stage)
+    dense_here = max(layers_here - moe_here, 0) if dense_layers else 0
+    if mesh.tp > 1:
+        shared = 1 if config.shared_expert_intermediate_size else 0
+        # attention out per layer, the dense MLP's out, the shared expert's out, the embedding
+        count = layers_here + dense_here + shared * moe_here + 1
+        add("tp_all_reduce", ("tp",), _all_reduce(tp_row, mesh.tp), count)
+        logits = tokens * config.vocab_size * 4
+        add("logits_all_gather", ("tp",), (mesh.tp - 1) / mesh.tp * logits, 1)
+    if moe_here:
+        if mesh.dp_attention:
+            k = config.num_experts_per_tok
+            # dispatch and combine: each local token's k rows, the share bound for other ranks
+            per = attn_tokens * k * d * act * (mesh.ep - 1) / mesh.ep
+            add("all_to_all", ("ep",), per, 2 * moe_here)
+        else:
+            axes = tuple(a for a, n in (("ep", mesh.ep), ("tp", mesh.tp)) if n > 1)
+            ranks = mesh.ep * mesh.tp
+            if mesh.expert_over_tp or mesh.ep > 1 or mesh.tp > 1:
+                add("ep_all_reduce", axes, _all_reduce(row, ranks), moe_here)
+    if mesh.pp > 1:
+        add("pipeline_send", ("pp",), row, 1)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutEstimate:
+    mesh: Mesh
+    plan: MemoryPlan
+    fits: bool  # the plan fits and the replica's KV cache holds the workload
+    collectives: list[Collective]
+    comm_bytes_per_device: float
+    read_bytes_per_device: float
+    flops_per_device: float
+    step_s: float
+    tokens_per_s: float  # over all replicas
+    sequences: int  # of the batch the layout's KV caches hold at once (all replicas)
+
+    def to_json(self) -> dict:
+        return {
+            "layout": describe(self.mesh), "mesh": dataclasses.asdict(self.mesh), "fits": self.fits,
+            "weight_bytes_per_device": self.plan.weight_bytes_per_device,
+            "kv_cache_tokens": self.plan.kv_cache_tokens,
+            "comm_bytes_per_device": self.comm_bytes_per_device,
+            "comm_by_kind": {c.kind: c.bytes_per_device * c.count for c in self.collectives},
+            "read_bytes_per_device": self.read_bytes_per_device, "flops_per_device": self.flops_per_device,
+            "step_ms": self.step_s * 1e3, "tokens_per_s": self.tokens_per_s, "sequences": self.sequences,
+        }
+
+
+def describe(mesh: Mesh) -> str:
+    parts = [f"{name}{size}" for name, size in (("tp", mesh.tp), ("ep", mesh.ep), ("dp", mesh.dp), ("pp", mesh.pp))
+             if size > 1] or ["single device"]
+    text = " x ".join(parts)
+    if mesh.expert_over_tp:
+        text += " (experts over tp)"
+    if mesh.dp_attention:
+        text += " (DP attention)"
+    return text
+
+
+def _touched_share(tokens: float, experts: int, k: int) -> float:
+    """Expected share of a layer's experts that `tokens` tokens touch under uniform routing."""
+    return 1 - (1 - k / experts) ** max(tokens, 0)
+
+
+def estimate(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, links: Links = Links(),
+             hbm_tbps: float = HBM_TBPS, matmul_tflops: float = MATMUL_TFLOPS, **plan_kw) -> LayoutEstimate:
+    """One layout's plan, collectives and decode-step estimate (module docstring). Each replica runs as many
+    of its batch / dp sequences as its KV cache holds at `context` tokens."""
+    plan = plan_memory(config, mesh=mesh, suggest=False, **plan_kw)
+    sequences = min(batch / mesh.dp, plan.kv_cache_tokens // context)  # per replica
+    tokens = max(sequences, 1)
+    collectives = step_collectives(config, mesh, max(int(round(tokens)), 1), plan.dtype, links)
+    comm_s = sum(c.bytes_per_device * c.count / links.bytes_per_s(c.link)
+                 + c.count * COLLECTIVE_LATENCY_S[c.link] for c in collectives)
+    weights = dict(plan.weight_bytes_by_kind)
+    routed = weights.pop("routed_experts", 0)
+    # every token of the replica reaches the experts (replicated, or through the all-to-all)
+    share = _touched_share(tokens, config.num_experts, config.num_experts_per_tok) if config.num_experts else 1.0
+    read = sum(weights.values()) + routed * share + plan.kv_bytes_per_token * tokens / mesh.request_ranks * context
+    flops = 2 * plan.params.active * tokens / (mesh.tp * mesh.ep * mesh.pp)
+    stage_s = max(read / (hbm_tbps * 1e12), flops / (matmul_tflops * 1e12)) + comm_s
+    step_s = stage_s * (2 * mesh.pp - 1) if mesh.pp > 1 else stage_s
+    return LayoutEstimate(mesh, plan, plan.fits and sequences >= 1, collectives,
+                          sum(c.bytes_per_device * c.count for c in collectives), read, flops, step_s,
+                          max(sequences, 0) * mesh.dp / step_s, int(max(sequences, 0)) * mesh.dp)
+
+
+def candidate_meshes(config: ModelConfig, devices: int, max_tp: int = NODE_DEVICES) -> list[Mesh]:
+    """Every layout of exactly `devices` devices the engine's rules allow: tp dividing the attention heads
+    (at most a node), ep dividing the experts, pp at most the layers; experts over tp when ep is 1; DP
+    attention when ep >= 2 and tp is 1."""
+    def divisors(n):
+        return [x for x in range(1, n + 1) if n % x == 0]
+
+    meshes = []
+    for tp, ep, pp in itertools.product(divisors(devices), repeat=3):
+        if devices % (tp * ep * pp):
+            continue
+        dp = devices // (tp * ep * pp)
+        if tp > max_tp or config.num_heads % tp or pp > config.num_layers:
+            continue
+        if ep > 1 and (not config.num_experts or config.num_experts % ep):
+            continue
+        meshes.append(Mesh(tp, ep, dp, pp=pp))
+        if tp > 1 and ep == 1 and config.num_experts and config.num_experts % tp == 0:
+            meshes.append(Mesh(tp, 1, dp, expert_over_tp=True, pp=pp))
+        if ep > 1 and tp == 1:
+            meshes.append(Mesh(1, ep, dp, pp=pp, dp_attention=True))
+    return meshes
+
+
+def rank_layouts(config: ModelConfig, devices: int, *, batch: int, context: int, links: Links = Links(),
+                 hbm_tbps: float = HBM_TBPS, matmul_tflops: float = MATMUL_TFLOPS,
+                 **plan_kw) -> tuple[list[LayoutEstimate], int]:
+    """(the layouts of `devices` devices that fit, most estimated decode tokens per second first; how many did
+    not fit)."""
+    if devices < 1:
+        raise ValueError(f"--devices must be a positive integer, got {devices}")
+    fitting, rejected = [], 0
+    for mesh in candidate_meshes(config, devices):
+        try:
+            est = estimate(config, mesh, batch=batch, context=context, links=links, hbm_tbps=hbm_tbps,
+                           matmul_tflops=matmul_tflops, **plan_kw)
+        except ValueError:
+            rejected += 1
+            continue
+        if est.fits:
+            fitting.append(est)
+        else:
+            rejected += 1
+    fitting.sort(key=lambda e: -e.tokens_per_s)
+    return fitting, rejected
+
+
+__all__ = ["Collective", "LayoutEstimate", "Links", "candidate_meshes", "describe", "estimate", "rank_layouts",
+           "step_collectives"]

@@ -1,0 +1,124 @@
+"""The communication model and the layout ranking of `moejax plan --devices N`: per-device collective bytes
+against the ring formulas worked by hand, links by node, and the rankings the project's documents describe."""
+
+import json
+
+import pytest
+
+from moejax.cli import main
+from moejax.config import ModelConfig
+from moejax.known_models import resolve
+from moejax.plan.comm import Links, candidate_meshes, estimate, rank_layouts, step_collectives
+from moejax.plan.memory import GIB, Mesh
+
+
+def _config(name):
+    return ModelConfig.from_file(resolve(name))
+
+
+def _by_kind(collectives):
+    return {c.kind: c for c in collectives}
+
+
+def test_tensor_parallel_all_reduces_follow_the_ring_formula():
+    c = _config("qwen3-30b-a3b")  # 48 MoE layers, no shared expert, hidden 2048
+    tokens = 64
+    got = _by_kind(step_collectives(c, Mesh(tp=4), tokens))
+    row = tokens * c.hidden_size * 2
+    tp = got["tp_all_reduce"]
+    assert tp.count == 48 + 1  # after attention in every layer, and the embedding
+    assert tp.bytes_per_device == pytest.approx(2 * 3 / 4 * row)
+    # the routed experts' width is split over tp: their combine is one more all-reduce per MoE layer
+    assert got["ep_all_reduce"].count == 48 and got["ep_all_reduce"].axes == ("tp",)
+    assert got["logits_all_gather"].bytes_per_device == pytest.approx(3 / 4 * tokens * c.vocab_size * 4)
+    assert "all_to_all" not in got and "pipeline_send" not in got
+
+
+def test_dp_attention_dispatches_with_all_to_all_and_no_all_reduce():
+    c = _config("deepseek-v3")
+    tokens, ep = 256, 16
+    got = _by_kind(step_collectives(c, Mesh(ep=ep, dp_attention=True), tokens))
+    assert set(got) == {"all_to_all"}
+    per_rank = tokens / ep
+    want = per_rank * c.num_experts_per_tok * c.hidden_size * 2 * (ep - 1) / ep
+    assert got["all_to_all"].bytes_per_device == pytest.approx(want)
+    assert got["all_to_all"].count == 2 * c.num_moe_layers  # dispatch and combine
+    # today's EP instead replicates the tokens and all-reduces [T, D] over the expert ranks once per MoE layer
+    plain = _by_kind(step_collectives(c, Mesh(ep=ep), tokens))
+    assert set(plain) == {"ep_all_reduce"}
+    assert plain["ep_all_reduce"].bytes_per_device == pytest.approx(2 * (ep - 1) / ep * tokens * c.hidden_size * 2)
+
+
+def test_collectives_that_span_nodes_use_the_inter_node_link():
+    c = _config("deepseek-v3")
+    got = _by_kind(step_collectives(c, Mesh(tp=8, ep=2), 64, links=Links(node_devices=8)))
+    assert got["tp_all_reduce"].link == "intra"  # tp is innermost: eight neighbours
+    assert got["ep_all_reduce"].link == "inter"  # over ep x tp: all sixteen
+    piped = _by_kind(step_collectives(c, Mesh(tp=8, pp=2), 64))
+    assert piped["pipeline_send"].link == "inter" and piped["pipeline_send"].bytes_per_device == 64 * c.hidden_size * 2
+    assert piped["tp_all_reduce"].count < got["tp_all_reduce"].count  # a stage holds half the layers
+
+
+def test_a_slower_link_makes_the_same_layout_slower():
+    c = _config("qwen3-30b-a3b")
+    fast = estimate(c, Mesh(tp=8), batch=64, context=1024, links=Links(intra_gbps=3600))
+    slow = estimate(c, Mesh(tp=8), batch=64, context=1024, links=Links(intra_gbps=100))
+    assert slow.step_s > fast.step_s and slow.comm_bytes_per_device == fast.comm_bytes_per_device
+
+
+def test_candidates_respect_the_engine_rules():
+    c = _config("qwen3-235b-a22b")  # 64 heads, 128 experts
+    meshes = candidate_meshes(c, 8)
+    assert all(m.devices == 8 for m in meshes)
+    assert Mesh(tp=4, pp=2) in meshes and Mesh(ep=8, dp_attention=True) in meshes
+    assert Mesh(tp=8, expert_over_tp=True) in meshes
+    assert not any(m.dp_attention and m.tp > 1 for m in meshes)
+    assert len(set(meshes)) == len(meshes)
+
+
+def test_deepseek_on_16_gpus_ranks_dp_attention_with_ep_first():
+    ranked, rejected = rank_layouts(_config("deepseek-v3"), 16, batch=256, context=2048, dtype="fp8",
+                                    device_memory_bytes=80 * GIB, max_model_len=8192)
+    assert ranked[0].mesh == Mesh(ep=16, dp_attention=True)
+    assert rejected > 0 and all(e.plan.fits for e in ranked)
+    # MLA's one latent is replicated by tensor parallelism: DP attention holds far more tokens than TP8 x EP2
+    tp8 = next(e for e in ranked if e.mesh == Mesh(tp=8, ep=2))
+    assert ranked[0].plan.kv_cache_tokens > 4 * tp8.plan.kv_cache_tokens
+    rates = [e.tokens_per_s for e in ranked]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_plan_devices_prints_the_ranking_and_its_json(capsys):
+    args = ["plan", "qwen3-235b-a22b", "--devices", "8", "--dtype", "fp8", "--gpu-memory", "48",
+            "--max-model-len", "8192"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "tp4 x pp2" in text and "most estimated decode tokens/s first" in text
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    layouts = out["layouts"]
+    assert layouts and all(entry["fits"] for entry in layouts)
+    names = [entry["layout"] for entry in layouts]
+    assert "tp4 x pp2" in names and "dp8" not in names  # a whole FP8 replica per GPU (236 GB) does not fit 48 GB
+    assert out["weight_bytes_per_device"] == layouts[0]["weight_bytes_per_device"] and out["fits"]
+    assert {"comm_bytes_per_device", "step_ms", "tokens_per_s", "comm_by_kind"} <= set(layouts[0])
+
+
+def test_a_single_layout_reports_its_communication(capsys):
+    assert main(["plan", "qwen3-30b-a3b", "--tp", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    comm = out["communication"]
+    assert comm["comm_by_kind"]["tp_all_reduce"] > 0 and "weight_bytes_per_device" in out
+    assert main(["plan", "qwen3-30b-a3b", "--tp", "2"]) == 0
+    assert "communication per device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--devices", "0"], "--devices must be a positive integer"),
+    (["--tp", "2", "--devices", "8"], "the layout given uses 2 devices"),
+    (["--link-gbps", "0"], "--link-gbps must be positive"),
+    (["--batch", "0"], "--batch must be a positive integer"),
+])
+def test_bad_layout_arguments_are_refused(extra, message, capsys):
+    assert main(["plan", "qwen3-30b-a3b", *extra]) != 0
+    assert message in capsys.readouterr().err
