@@ -158,7 +158,7 @@ class LLMEngine:
             counts = np.asarray(flight.expert_counts, np.int64)
             self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
             if self.expert_cache is not None:
-                self.expert_cache.observe(counts)
+                self.expert_cache.observe(counts, step_tokens=flight.num_tokens)
         now = time.perf_counter()
         changed = {}
         for row, seq, index in flight.rows:

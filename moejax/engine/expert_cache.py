@@ -48,11 +48,14 @@ class ExpertCachePolicy:
         runner.params = dict(runner.params, caches=caches)
         runner.count_experts = True  # the step counts each layer's routed tokens per expert: observe() reads them
 
-    def observe(self, counts) -> None:
-        """One step's counts int [MoE layers, E]; refreshes the cache every refresh_steps steps."""
+    def observe(self, counts, step_tokens: int | None = None) -> None:
+        """One step's counts int [MoE layers, E] (a step of `step_tokens` token slots: under
+        host_experts.CACHE_MIN_TOKENS it copied its experts without reading the cache, so it counts no hits);
+        refreshes the cache every refresh_steps steps."""
         counts = np.asarray(counts, np.int64)
-        held = np.take_along_axis(counts, np.maximum(self.expert_in_slot, 0), axis=1)
-        self.hits += int(held[self.expert_in_slot >= 0].sum())
+        if step_tokens is None or step_tokens >= host_experts.CACHE_MIN_TOKENS:
+            held = np.take_along_axis(counts, np.maximum(self.expert_in_slot, 0), axis=1)
+            self.hits += int(held[self.expert_in_slot >= 0].sum())
         self.routed += int(counts.sum())
         self.score += counts
         self.steps += 1
@@ -94,7 +97,7 @@ class ExpertCachePolicy:
         return moves
 
     def hit_share(self) -> float | None:
-        """The share of routed (token, expert) assignments that found their expert on the device."""
+        """The share of routed (token, expert) assignments that the device cache served."""
         return self.hits / self.routed if self.routed else None
 
     def cached(self) -> dict[int, list[int]]:

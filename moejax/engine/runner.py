@@ -127,6 +127,7 @@ class InFlight:
     logprobs: jax.Array
     top: tuple | None
     expert_counts: jax.Array | None = None  # [MoE layers, experts], when the runner counts them
+    num_tokens: int = 0  # the step shape's token slots (padding included)
 
     def fetch(self):
         top = None if self.top is None else (np.asarray(self.top[0]), np.asarray(self.top[1]))
@@ -336,7 +337,7 @@ class ModelRunner:
                 seq.sample_row = row
                 sampled.append((row, seq, len(seq.output_ids)))
                 seq.output_ids.append(None)
-        return InFlight(scheduled, sampled, tokens, logprobs, top, counts)
+        return InFlight(scheduled, sampled, tokens, logprobs, top, counts, shape.num_tokens)
 
     def warmup(self, threads: int | None = None) -> int:
         """Compile every step shape ahead of time; returns how many. Shapes stored by an earlier process

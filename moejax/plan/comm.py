@@ -52,7 +52,7 @@ class Links:
 class Collective:
     """One kind of collective in a step: per-device bytes sent and how many times it runs."""
 
-    kind: str  # "tp_all_reduce", "ep_all_reduce", "all_to_all", "pipeline_send", "logits_all_gather"
+    kind: str  # "tp_all_reduce", "moe_all_reduce", "all_to_all", "pipeline_send", "logits_all_gather"
     axes: tuple[str, ...]  # mesh axes of its group
     bytes_per_device: float
     count: int
@@ -111,10 +111,10 @@ def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = 
             per = attn_tokens * k * d * act * (mesh.ep - 1) / mesh.ep
             add("all_to_all", ("ep",), per, 2 * moe_here)
         else:
+            # the routed experts' partial outputs, over the ranks that split them (ep, and tp: their width, or
+            # whole experts with enable_expert_parallel)
             axes = tuple(a for a, n in (("ep", mesh.ep), ("tp", mesh.tp)) if n > 1)
-            ranks = mesh.ep * mesh.tp
-            if mesh.expert_over_tp or mesh.ep > 1 or mesh.tp > 1:
-                add("ep_all_reduce", axes, _all_reduce(row, ranks), moe_here)
+            add("moe_all_reduce", axes, _all_reduce(row, mesh.ep * mesh.tp), moe_here)
     if mesh.pp > 1:
         add("pipeline_send", ("pp",), row, 1)
     return out

@@ -80,8 +80,11 @@ def test_a_refresh_copies_only_the_experts_that_came_in(hf_model_dir):
     assert (policy.expert_in_slot[before == 5] == 5).all()
     seen = np.zeros_like(counts)
     seen[:, [5, 4]] = [2, 6]
-    policy.observe(seen)  # 2 of the 8 assignments per layer hit (expert 5); 4 has no slot
+    policy.observe(seen, step_tokens=host_experts.CACHE_MIN_TOKENS)  # 2 of 8 per layer hit (expert 5)
     assert policy.hit_share() == pytest.approx(0.25)
+    # a step under CACHE_MIN_TOKENS token slots copied its experts from the host: no hits, 8 more routed
+    policy.observe(seen, step_tokens=host_experts.CACHE_MIN_TOKENS - 1)
+    assert policy.hit_share() == pytest.approx(0.125)
 
 
 @pytest.mark.parametrize("kwargs, match", [

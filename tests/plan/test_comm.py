@@ -29,7 +29,7 @@ def test_tensor_parallel_all_reduces_follow_the_ring_formula():
     assert tp.count == 48 + 1  # after attention in every layer, and the embedding
     assert tp.bytes_per_device == pytest.approx(2 * 3 / 4 * row)
     # the routed experts' width is split over tp: their combine is one more all-reduce per MoE layer
-    assert got["ep_all_reduce"].count == 48 and got["ep_all_reduce"].axes == ("tp",)
+    assert got["moe_all_reduce"].count == 48 and got["moe_all_reduce"].axes == ("tp",)
     assert got["logits_all_gather"].bytes_per_device == pytest.approx(3 / 4 * tokens * c.vocab_size * 4)
     assert "all_to_all" not in got and "pipeline_send" not in got
 
@@ -45,15 +45,15 @@ def test_dp_attention_dispatches_with_all_to_all_and_no_all_reduce():
     assert got["all_to_all"].count == 2 * c.num_moe_layers  # dispatch and combine
     # today's EP instead replicates the tokens and all-reduces [T, D] over the expert ranks once per MoE layer
     plain = _by_kind(step_collectives(c, Mesh(ep=ep), tokens))
-    assert set(plain) == {"ep_all_reduce"}
-    assert plain["ep_all_reduce"].bytes_per_device == pytest.approx(2 * (ep - 1) / ep * tokens * c.hidden_size * 2)
+    assert set(plain) == {"moe_all_reduce"}
+    assert plain["moe_all_reduce"].bytes_per_device == pytest.approx(2 * (ep - 1) / ep * tokens * c.hidden_size * 2)
 
 
 def test_collectives_that_span_nodes_use_the_inter_node_link():
     c = _config("deepseek-v3")
     got = _by_kind(step_collectives(c, Mesh(tp=8, ep=2), 64, links=Links(node_devices=8)))
     assert got["tp_all_reduce"].link == "intra"  # tp is innermost: eight neighbours
-    assert got["ep_all_reduce"].link == "inter"  # over ep x tp: all sixteen
+    assert got["moe_all_reduce"].link == "inter"  # over ep x tp: all sixteen
     piped = _by_kind(step_collectives(c, Mesh(tp=8, pp=2), 64))
     assert piped["pipeline_send"].link == "inter" and piped["pipeline_send"].bytes_per_device == 64 * c.hidden_size * 2
     assert piped["tp_all_reduce"].count < got["tp_all_reduce"].count  # a stage holds half the layers
