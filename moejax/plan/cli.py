@@ -8,8 +8,8 @@ import os
 import sys
 
 from moejax.config import ModelConfig
-from moejax.plan.comm import (HBM_TBPS, INFINIBAND_GBPS, MATMUL_TFLOPS, NODE_DEVICES, NVLINK_GBPS, LayoutEstimate,
-                               Links, describe, estimate, rank_layouts)
+from moejax.plan.comm import (HBM_TBPS, INFINIBAND_GBPS, MATMUL_TFLOPS, NODE_DEVICES, NOT_IN_MEMORY, NVLINK_GBPS,
+                               LayoutEstimate, Links, describe, estimate, rank_layouts)
 from moejax.plan.memory import GIB, KINDS, Mesh, MemoryPlan, plan_memory
 
 
@@ -89,6 +89,10 @@ def run(args) -> int:
                   node_devices=args.node_devices)
     workload = dict(batch=args.batch or args.max_num_seqs, context=args.context, links=links,
                     hbm_tbps=args.hbm_tbps, matmul_tflops=args.tflops)
+    longest = args.max_model_len or config.max_position_embeddings
+    if args.context > longest:
+        raise ValueError(f"--context {args.context} exceeds the longest sequence, {longest} tokens "
+                         f"({'--max-model-len' if args.max_model_len else 'the config max_position_embeddings'})")
     if args.devices is not None:
         if args.devices < 1:
             raise ValueError(f"--devices must be a positive integer, got {args.devices}")
@@ -97,14 +101,14 @@ def run(args) -> int:
                 raise ValueError(f"--devices {args.devices}: the layout given uses {mesh.devices} devices; leave "
                                  "out the layout flags to rank every layout of N devices")
         else:
-            ranked, rejected = rank_layouts(config, args.devices, **workload, **plan_kw)
+            ranked, left_out = rank_layouts(config, args.devices, **workload, **plan_kw)
             if args.json:
                 # the top level is the best layout's plan (the keys every plan --json has), then the ranking
                 top = ranked[0].plan.to_json() if ranked else {"model": name, "fits": False}
                 print(json.dumps(dict(top, devices=args.devices, workload=_workload_json(workload),
-                                      layouts=[e.to_json() for e in ranked], not_fitting=rejected)))
+                                      layouts=[e.to_json() for e in ranked], left_out=left_out)))
             else:
-                print(format_ranking(name, args.devices, ranked, rejected, workload))
+                print(format_ranking(name, args.devices, ranked, left_out, workload))
             return 0
     plan = plan_memory(config, mesh=mesh, **plan_kw)
     comm = estimate(config, mesh, **workload, **plan_kw)
@@ -137,14 +141,20 @@ def format_communication(est: LayoutEstimate, workload: dict) -> str:
     for c in est.collectives:
         lines.append(f"  {c.kind:<18} over {'x'.join(c.axes):<6} {c.count:>4} x {c.bytes_per_device / 1e6:10.3f} MB"
                      f"  ({c.link}-node)")
-    lines.append(f"  total {est.comm_bytes_per_device / 1e6:.2f} MB; estimated step {est.step_s * 1e3:.2f} ms for "
-                 f"{est.sequences:,} sequences ({est.tokens_per_s:,.0f} tokens/s)")
+    if est.sequences < 1:
+        lines.append(f"  total {est.comm_bytes_per_device / 1e6:.2f} MB; the KV cache holds no sequence of "
+                     f"{workload['context']:,} tokens (or --batch is below the replicas): no step estimate")
+    else:
+        lines.append(f"  total {est.comm_bytes_per_device / 1e6:.2f} MB; estimated step {est.step_s * 1e3:.2f} ms "
+                     f"for {est.sequences:,} sequences ({est.tokens_per_s:,.0f} tokens/s)")
     return "\n".join(lines)
 
 
-def format_ranking(name: str, devices: int, ranked: list[LayoutEstimate], rejected: int, workload: dict) -> str:
+def format_ranking(name: str, devices: int, ranked: list[LayoutEstimate], left_out: dict[str, int],
+                   workload: dict) -> str:
+    others = "; ".join(f"{n} other layouts {reason}" for reason, n in left_out.items())
     lines = [f"model {name}: layouts of {devices} devices that fit, most estimated decode tokens/s first",
-             f"({_workload_line(workload)}; {rejected} other layouts do not fit)",
+             f"({_workload_line(workload)}{'; ' + others if others else ''})",
              "weights per device, the replica's KV cache, the sequences it runs, communication per device per step:",
              "",
              f"{'layout':<34}{'weights/dev':>12}{'KV tokens':>13}{'sequences':>10}{'comm/dev':>11}{'step':>10}"
@@ -153,8 +163,10 @@ def format_ranking(name: str, devices: int, ranked: list[LayoutEstimate], reject
         lines.append(f"{describe(e.mesh):<34}{e.plan.weight_bytes_per_device / 1e9:>9.2f} GB"
                      f"{e.plan.kv_cache_tokens:>13,}{e.sequences:>10,}{e.comm_bytes_per_device / 1e6:>8.1f} MB"
                      f"{e.step_s * 1e3:>7.2f} ms{e.tokens_per_s:>11,.0f}")
-    if not ranked:
+    if not ranked and left_out.get(NOT_IN_MEMORY) and len(left_out) == 1:
         lines.append("none fits: more devices, --quantization, --dtype fp8 or --offload-experts")
+    elif not ranked:
+        lines.append("none runs this workload: see why above (--batch, --context)")
     return "\n".join(lines)
 
 

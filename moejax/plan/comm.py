@@ -19,7 +19,8 @@ The step estimate is a decode step of `batch` sequences of `context` cached toke
 with a per-collective latency. Bytes read are the weights a step touches (routed experts by the expected share
 a uniform router touches) and the KV cache of the device's requests. A pipeline of pp stages runs pp
 micro-batches, each reading its stage's weights: (2 pp - 1) stage times per step. Layouts are ranked by decode
-tokens per second over all replicas. It is a model to order layouts, not a prediction of milliseconds.
+tokens per second over all replicas. It is a model to order layouts, not a prediction of milliseconds; with
+offloaded experts it leaves out their host-to-device traffic.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import dataclasses
 import itertools
 
 from moejax.config import ModelConfig
-from moejax.plan.memory import Mesh, MemoryPlan, plan_memory
+from moejax.plan.memory import Mesh, MemoryPlan, plan_memory, stage_layers
 
 NVLINK_GBPS = 3600.0  # gigabits per second per GPU, one direction (NVLink 4: 450 GB/s)
 INFINIBAND_GBPS = 400.0  # one NDR port per GPU
@@ -78,45 +79,49 @@ def _all_reduce(nbytes: float, ranks: int) -> float:
 
 def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = "bfloat16",
                      links: Links = Links()) -> list[Collective]:
-    """The collectives of one replica step over `tokens` tokens, per device (see the module docstring)."""
+    """The collectives of one replica step (or micro-batch) over `tokens` tokens on a device of the pipeline
+    stage that communicates most (see the module docstring)."""
     act = 4 if dtype == "float32" else 2
     d = config.hidden_size
     row = tokens * d * act  # one [T, D] activation
-    moe_layers = config.num_moe_layers
-    dense_layers = config.num_layers - moe_layers
-    out: list[Collective] = []
 
-    def add(kind, axes, per_device, count):
+    def add(out, kind, axes, per_device, count):
         if per_device > 0 and count > 0:
             out.append(Collective(kind, axes, per_device, count, _group_link(mesh, axes, links)))
 
     # attention's batch: split over the expert ranks too with DP attention
     attn_tokens = tokens / mesh.ep if mesh.dp_attention else tokens
     tp_row = attn_tokens * d * act
-    per_stage = max(1, mesh.pp)
-    layers_here = -(-config.num_layers // per_stage)  # a device's stage (the largest)
-    moe_here = -(-moe_layers // per_stage)
-    dense_here = max(layers_here - moe_here, 0) if dense_layers else 0
-    if mesh.tp > 1:
-        shared = 1 if config.shared_expert_intermediate_size else 0
-        # attention out per layer, the dense MLP's out, the shared expert's out, the embedding
-        count = layers_here + dense_here + shared * moe_here + 1
-        add("tp_all_reduce", ("tp",), _all_reduce(tp_row, mesh.tp), count)
-        logits = tokens * config.vocab_size * 4
-        add("logits_all_gather", ("tp",), (mesh.tp - 1) / mesh.tp * logits, 1)
-    if moe_here:
-        if mesh.dp_attention:
-            k = config.num_experts_per_tok
-            # dispatch and combine: each local token's k rows, the share bound for other ranks
-            per = attn_tokens * k * d * act * (mesh.ep - 1) / mesh.ep
-            add("all_to_all", ("ep",), per, 2 * moe_here)
-        else:
-            # the routed experts' partial outputs, over the ranks that split them (ep, and tp: their width, or
-            # whole experts with enable_expert_parallel)
-            axes = tuple(a for a, n in (("ep", mesh.ep), ("tp", mesh.tp)) if n > 1)
-            add("moe_all_reduce", axes, _all_reduce(row, mesh.ep * mesh.tp), moe_here)
-    if mesh.pp > 1:
-        add("pipeline_send", ("pp",), row, 1)
+    stages = stage_layers(config.num_layers, mesh.pp)
+    per_stage = []
+    for s, layers in enumerate(stages):
+        out = []
+        moe_here = sum(config.moe_layers[i] for i in layers)
+        dense_here = len(layers) - moe_here
+        if mesh.tp > 1:
+            shared = 1 if config.shared_expert_intermediate_size else 0
+            # attention out per layer, the dense MLP's out, the shared expert's out; the embedding's (first stage)
+            count = len(layers) + dense_here + shared * moe_here + (s == 0)
+            add(out, "tp_all_reduce", ("tp",), _all_reduce(tp_row, mesh.tp), count)
+            if s == len(stages) - 1:
+                logits = tokens * config.vocab_size * 4
+                add(out, "logits_all_gather", ("tp",), (mesh.tp - 1) / mesh.tp * logits, 1)
+        if moe_here:
+            if mesh.dp_attention:
+                k = config.num_experts_per_tok
+                # dispatch and combine: each local token's k rows, the share bound for other ranks
+                per = attn_tokens * k * d * act * (mesh.ep - 1) / mesh.ep
+                add(out, "all_to_all", ("ep",), per, 2 * moe_here)
+            else:
+                # the routed experts' partial outputs, over the ranks that split them (ep, and tp: their width,
+                # or whole experts with enable_expert_parallel)
+                axes = tuple(a for a, n in (("ep", mesh.ep), ("tp", mesh.tp)) if n > 1)
+                add(out, "moe_all_reduce", axes, _all_reduce(row, mesh.ep * mesh.tp), moe_here)
+        if s < len(stages) - 1:
+            add(out, "pipeline_send", ("pp",), row, 1)
+        per_stage.append(out)
+    # a device holds one stage: the one that communicates most
+    out = max(per_stage, key=lambda cs: sum(c.bytes_per_device * c.count for c in cs))
     return out
 
 
@@ -164,71 +169,86 @@ def _touched_share(tokens: float, experts: int, k: int) -> float:
 def estimate(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, links: Links = Links(),
              hbm_tbps: float = HBM_TBPS, matmul_tflops: float = MATMUL_TFLOPS, **plan_kw) -> LayoutEstimate:
     """One layout's plan, collectives and decode-step estimate (module docstring). Each replica runs as many
-    of its batch / dp sequences as its KV cache holds at `context` tokens."""
+    of its batch // dp sequences as its KV cache holds at `context` tokens (with DP attention, as many as each
+    expert rank's cache holds, times the ranks)."""
     plan = plan_memory(config, mesh=mesh, suggest=False, **plan_kw)
-    sequences = min(batch / mesh.dp, plan.kv_cache_tokens // context)  # per replica
-    tokens = max(sequences, 1)
-    collectives = step_collectives(config, mesh, max(int(round(tokens)), 1), plan.dtype, links)
+    per_rank_kv = plan.kv_cache_tokens // mesh.request_ranks
+    sequences = min(batch // mesh.dp, per_rank_kv // context * mesh.request_ranks)  # per replica
+    micro = max(sequences / mesh.pp, 1)  # tokens of one micro-batch (the whole step without a pipeline)
+    collectives = step_collectives(config, mesh, max(int(round(micro)), 1), plan.dtype, links)
     comm_s = sum(c.bytes_per_device * c.count / links.bytes_per_s(c.link)
                  + c.count * COLLECTIVE_LATENCY_S[c.link] for c in collectives)
     weights = dict(plan.weight_bytes_by_kind)
     routed = weights.pop("routed_experts", 0)
-    # every token of the replica reaches the experts (replicated, or through the all-to-all)
-    share = _touched_share(tokens, config.num_experts, config.num_experts_per_tok) if config.num_experts else 1.0
-    read = sum(weights.values()) + routed * share + plan.kv_bytes_per_token * tokens / mesh.request_ranks * context
-    flops = 2 * plan.params.active * tokens / (mesh.tp * mesh.ep * mesh.pp)
+    # every token of the micro-batch reaches the experts (replicated, or through the all-to-all)
+    share = _touched_share(micro, config.num_experts, config.num_experts_per_tok) if config.num_experts else 1.0
+    read = sum(weights.values()) + routed * share + plan.kv_bytes_per_token * micro / mesh.request_ranks * context
+    # (an approximation: plain EP repeats attention on every expert rank)
+    flops = 2 * plan.params.active * micro / (mesh.tp * mesh.ep * mesh.pp)
     stage_s = max(read / (hbm_tbps * 1e12), flops / (matmul_tflops * 1e12)) + comm_s
-    step_s = stage_s * (2 * mesh.pp - 1) if mesh.pp > 1 else stage_s
-    return LayoutEstimate(mesh, plan, plan.fits and sequences >= 1, collectives,
-                          sum(c.bytes_per_device * c.count for c in collectives), read, flops, step_s,
-                          max(sequences, 0) * mesh.dp / step_s, int(max(sequences, 0)) * mesh.dp)
+    # pp micro-batches through pp stages: 2 pp - 1 stage times
+    step_s = stage_s * (2 * mesh.pp - 1)
+    fits = plan.fits and sequences >= 1
+    return LayoutEstimate(mesh, plan, fits, collectives, sum(c.bytes_per_device * c.count for c in collectives),
+                          read, flops, step_s, sequences * mesh.dp / step_s if fits else 0.0,
+                          max(sequences, 0) * mesh.dp)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [x for x in range(1, int(n ** 0.5) + 1) if n % x == 0]
+    return sorted(set(small + [n // x for x in small]))
 
 
 def candidate_meshes(config: ModelConfig, devices: int, max_tp: int = NODE_DEVICES) -> list[Mesh]:
     """Every layout of exactly `devices` devices the engine's rules allow: tp dividing the attention heads
-    (at most a node), ep dividing the experts, pp at most the layers; experts over tp when ep is 1; DP
-    attention when ep >= 2 and tp is 1."""
-    def divisors(n):
-        return [x for x in range(1, n + 1) if n % x == 0]
-
+    (at most `max_tp`, a node), ep dividing the experts (models with MoE layers), pp at most the layers; experts
+    over tp when ep is 1; DP attention when ep >= 2 and tp is 1."""
+    moe = config.num_moe_layers > 0 and config.num_experts > 0
+    divisors = _divisors(devices)
     meshes = []
-    for tp, ep, pp in itertools.product(divisors(devices), repeat=3):
+    for tp, ep, pp in itertools.product(divisors, repeat=3):
         if devices % (tp * ep * pp):
             continue
         dp = devices // (tp * ep * pp)
         if tp > max_tp or config.num_heads % tp or pp > config.num_layers:
             continue
-        if ep > 1 and (not config.num_experts or config.num_experts % ep):
+        if ep > 1 and (not moe or config.num_experts % ep):
             continue
         meshes.append(Mesh(tp, ep, dp, pp=pp))
-        if tp > 1 and ep == 1 and config.num_experts and config.num_experts % tp == 0:
+        if moe and tp > 1 and ep == 1 and config.num_experts % tp == 0:
             meshes.append(Mesh(tp, 1, dp, expert_over_tp=True, pp=pp))
         if ep > 1 and tp == 1:
             meshes.append(Mesh(1, ep, dp, pp=pp, dp_attention=True))
     return meshes
 
 
+NOT_IN_MEMORY = "do not fit in memory"
+NO_SEQUENCE = "hold no sequence of --context tokens in a replica's KV cache"
+FEW_SEQUENCES = "have more replicas than --batch sequences"
+
+
 def rank_layouts(config: ModelConfig, devices: int, *, batch: int, context: int, links: Links = Links(),
                  hbm_tbps: float = HBM_TBPS, matmul_tflops: float = MATMUL_TFLOPS,
-                 **plan_kw) -> tuple[list[LayoutEstimate], int]:
-    """(the layouts of `devices` devices that fit, most estimated decode tokens per second first; how many did
-    not fit)."""
+                 **plan_kw) -> tuple[list[LayoutEstimate], dict[str, int]]:
+    """(the layouts of `devices` devices that fit, most estimated decode tokens per second first; how many were
+    left out, by reason)."""
     if devices < 1:
         raise ValueError(f"--devices must be a positive integer, got {devices}")
-    fitting, rejected = [], 0
-    for mesh in candidate_meshes(config, devices):
+    plan_memory(config, suggest=False, **plan_kw)  # bad arguments fail here, not as layouts that "do not fit"
+    fitting, left_out = [], {}
+    for mesh in candidate_meshes(config, devices, max_tp=links.node_devices):
         try:
             est = estimate(config, mesh, batch=batch, context=context, links=links, hbm_tbps=hbm_tbps,
                            matmul_tflops=matmul_tflops, **plan_kw)
-        except ValueError:
-            rejected += 1
+        except ValueError:  # the layout's sizes do not divide what they split
             continue
         if est.fits:
             fitting.append(est)
-        else:
-            rejected += 1
+            continue
+        reason = NOT_IN_MEMORY if not est.plan.fits else FEW_SEQUENCES if batch < mesh.dp else NO_SEQUENCE
+        left_out[reason] = left_out.get(reason, 0) + 1
     fitting.sort(key=lambda e: -e.tokens_per_s)
-    return fitting, rejected
+    return fitting, left_out
 
 
 __all__ = ["Collective", "LayoutEstimate", "Links", "candidate_meshes", "describe", "estimate", "rank_layouts",
