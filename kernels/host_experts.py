@@ -126,6 +126,12 @@ def _fetch_with_cache(fields: dict, fetch_C, cache: ExpertCache, layer) -> dict:
 CACHE_MIN_TOKENS = 4  # fewest tokens of a step that reads the cache (see the module docstring)
 
 
+def reads_cache(tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether a step of `tokens` token slots reads the device cache in fetch_routed: it has at least
+    CACHE_MIN_TOKENS tokens, and fewer assignments than experts (else the whole layer is copied)."""
+    return tokens >= CACHE_MIN_TOKENS and tokens * top_k < num_experts
+
+
 def fetch_routed(ids_TK: jax.Array, params: ExpertWeights, num_experts: int):
     """-> (the experts ids_TK routes to, on the device, as ExpertWeights of C experts; ids_TK renumbered into
     them, -1 where an id was outside [0, E)). Inside `layer_cache` the cached experts come from the device."""
@@ -142,7 +148,7 @@ def fetch_routed(ids_TK: jax.Array, params: ExpertWeights, num_experts: int):
     local_ids = jnp.searchsorted(distinct_C, ids_TK).astype(jnp.int32)
     local_ids = jnp.where(valid, local_ids, -1)
     active = _ACTIVE_CACHE.get()
-    if active is not None and ids_TK.shape[0] >= CACHE_MIN_TOKENS:
+    if active is not None and reads_cache(*ids_TK.shape, num_experts):
         local = _fetch_with_cache(fields, fetch_C, *active)
     else:
         local = {n: None if w is None else _gather(w, fetch_C) for n, w in fields.items()}
@@ -199,4 +205,4 @@ def fill(cache: ExpertCache, host: ExpertWeights, updates, slot_of_LE) -> Expert
     return ExpertCache(weights, table)
 
 
-__all__ = ["ExpertCache", "empty_cache", "fetch_routed", "fill", "layer_cache", "on_host"]
+__all__ = ["ExpertCache", "empty_cache", "fetch_routed", "fill", "layer_cache", "on_host", "reads_cache"]

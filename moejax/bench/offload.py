@@ -244,7 +244,9 @@ def expert_costs(config, quantization: str | None) -> dict:
 
 def touched(tokens: int, experts: int, k: int) -> float:
     """Expected distinct experts per layer for `tokens` tokens under uniform routing."""
-    return experts * (1 - (1 - k / experts) ** tokens)
+    from moejax.plan.comm import touched_share
+
+    return experts * touched_share(tokens, experts, k)
 
 
 def build_table(results: dict, costs: dict, batches: list[int], prefill_len: int, full_moe_layers: int,

@@ -26,6 +26,7 @@ class ExpertCachePolicy:
         self.slots = slots
         self.refresh_steps = refresh_steps
         self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
         self.steps = 0
         # Per run with experts: (run index, rows of the step's [MoE layers, E] counts, host ExpertWeights)
         self.runs = []
@@ -49,11 +50,11 @@ class ExpertCachePolicy:
         runner.count_experts = True  # the step counts each layer's routed tokens per expert: observe() reads them
 
     def observe(self, counts, step_tokens: int | None = None) -> None:
-        """One step's counts int [MoE layers, E] (a step of `step_tokens` token slots: under
-        host_experts.CACHE_MIN_TOKENS it copied its experts without reading the cache, so it counts no hits);
-        refreshes the cache every refresh_steps steps."""
+        """One step's counts int [MoE layers, E] (a step of `step_tokens` token slots: one that copied its experts
+        without reading the cache, host_experts.reads_cache, counts no hits); refreshes the cache every
+        refresh_steps steps."""
         counts = np.asarray(counts, np.int64)
-        if step_tokens is None or step_tokens >= host_experts.CACHE_MIN_TOKENS:
+        if step_tokens is None or host_experts.reads_cache(step_tokens, self.top_k, self.num_experts):
             held = np.take_along_axis(counts, np.maximum(self.expert_in_slot, 0), axis=1)
             self.hits += int(held[self.expert_in_slot >= 0].sum())
         self.routed += int(counts.sum())

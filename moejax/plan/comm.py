@@ -161,7 +161,7 @@ def describe(mesh: Mesh) -> str:
     return text
 
 
-def _touched_share(tokens: float, experts: int, k: int) -> float:
+def touched_share(tokens: float, experts: int, k: int) -> float:
     """Expected share of a layer's experts that `tokens` tokens touch under uniform routing."""
     return 1 - (1 - k / experts) ** max(tokens, 0)
 
@@ -181,7 +181,7 @@ def estimate(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, links
     weights = dict(plan.weight_bytes_by_kind)
     routed = weights.pop("routed_experts", 0)
     # every token of the micro-batch reaches the experts (replicated, or through the all-to-all)
-    share = _touched_share(micro, config.num_experts, config.num_experts_per_tok) if config.num_experts else 1.0
+    share = touched_share(micro, config.num_experts, config.num_experts_per_tok) if config.num_experts else 1.0
     read = sum(weights.values()) + routed * share + plan.kv_bytes_per_token * micro / mesh.request_ranks * context
     # (an approximation: plain EP repeats attention on every expert rank)
     flops = 2 * plan.params.active * micro / (mesh.tp * mesh.ep * mesh.pp)
@@ -190,8 +190,7 @@ def estimate(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, links
     step_s = stage_s * (2 * mesh.pp - 1)
     fits = plan.fits and sequences >= 1
     return LayoutEstimate(mesh, plan, fits, collectives, sum(c.bytes_per_device * c.count for c in collectives),
-                          read, flops, step_s, sequences * mesh.dp / step_s if fits else 0.0,
-                          max(sequences, 0) * mesh.dp)
+                          read, flops, step_s, sequences * mesh.dp / step_s if fits else 0.0, sequences * mesh.dp)
 
 
 def _divisors(n: int) -> list[int]:
@@ -252,4 +251,4 @@ def rank_layouts(config: ModelConfig, devices: int, *, batch: int, context: int,
 
 
 __all__ = ["Collective", "LayoutEstimate", "Links", "candidate_meshes", "describe", "estimate", "rank_layouts",
-           "step_collectives"]
+           "step_collectives", "touched_share"]

@@ -63,7 +63,8 @@ def test_cached_experts_give_the_same_tokens_and_hold_what_the_policy_chose(
     assert device > plain.weight_bytes_per_device
 
 
-def test_a_refresh_copies_only_the_experts_that_came_in(hf_model_dir):
+def test_a_refresh_copies_only_the_experts_that_came_in(hf_model_dir, monkeypatch):
+    monkeypatch.setattr(host_experts, "CACHE_MIN_TOKENS", 1)
     llm = LLM(hf_model_dir("qwen3_moe"), dtype="float32", offload_experts=True, offload_cache_experts=2)
     policy: ExpertCachePolicy = llm.llm_engine.expert_cache
     e = llm.config.num_experts
@@ -80,10 +81,11 @@ def test_a_refresh_copies_only_the_experts_that_came_in(hf_model_dir):
     assert (policy.expert_in_slot[before == 5] == 5).all()
     seen = np.zeros_like(counts)
     seen[:, [5, 4]] = [2, 6]
-    policy.observe(seen, step_tokens=host_experts.CACHE_MIN_TOKENS)  # 2 of 8 per layer hit (expert 5)
+    policy.observe(seen, step_tokens=1)  # 2 of the 8 assignments per layer hit (expert 5)
     assert policy.hit_share() == pytest.approx(0.25)
-    # a step under CACHE_MIN_TOKENS token slots copied its experts from the host: no hits, 8 more routed
-    policy.observe(seen, step_tokens=host_experts.CACHE_MIN_TOKENS - 1)
+    # a step with as many assignments as experts copied the whole layer from the host: no hits, 8 more routed
+    assert not host_experts.reads_cache(e, policy.top_k, e)
+    policy.observe(seen, step_tokens=e)
     assert policy.hit_share() == pytest.approx(0.125)
 
 
