@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 (default: the checkpoint's)")
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"],
+                   help="int8 | int4 (weight-only) | fp8 (e4m3, 128x128 blocks); an FP8 checkpoint stays FP8")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p.add_argument("--no-progress", action="store_true")
 
@@ -54,7 +55,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
 
     from moejax import __version__
     from moejax.checkpoints import orbax_store
-    from moejax.checkpoints.hf_names import hf_source, ignored
+    from moejax.checkpoints.hf_names import FP8Tensor, hf_source, ignored
     from moejax.checkpoints.hf import flat_params
     from moejax.checkpoints.safetensors import CheckpointError, SafetensorsReader
     from moejax.config import ModelConfig
@@ -63,13 +64,15 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
     out_dir = os.path.normpath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ValueError(f"OUT_DIR {out_dir} exists; pass --overwrite to replace it")
-    if quantization not in (None, "int8", "int4"):
-        raise ValueError(f"--quantization must be int8 or int4, got {quantization!r}")
+    if quantization not in (None, "int8", "int4", "fp8"):
+        raise ValueError(f"--quantization must be int8, int4 or fp8, got {quantization!r}")
     if not os.path.isdir(hf_dir):
         raise ValueError(f"HF_DIR {hf_dir} is not a directory")
     config = ModelConfig.from_file(hf_dir)
-    if dtype == "auto":
-        dtype = config.dtype if config.dtype in DTYPES else "bfloat16"
+    from moejax.plan.memory import resolve_weights
+
+    dtype, quantization = resolve_weights(config, dtype, quantization)  # an FP8 checkpoint stays FP8
+    keep_fp8 = quantization == "fp8" and config.checkpoint_quant == "fp8"
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     reader = SafetensorsReader(hf_dir)  # validates every header: missing shards, truncated files
@@ -86,9 +89,10 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
     try:
         quantized: dict[str, dict] = {}
         if quantization:
-            from moejax.kernels.quant import should_quantize, quantize
+            from moejax.kernels.quant import fp8_block, fp8_weight, quantize, quantize_fp8, should_quantize
 
-            bits = 8 if quantization == "int8" else 4
+            bits = {"int8": 8, "int4": 4, "fp8": 8}[quantization]
+            block = fp8_block(config)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -104,7 +108,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
                 pending = {}
                 release_memory()
             part = this_part
-            source = hf_source(config, path, names)
+            source = hf_source(config, path, names, keep_fp8=keep_fp8)
             for name in source.names:
                 reader.info(name)
             used.update(source.names)
@@ -114,8 +118,20 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
                 raise CheckpointError(
                     f"{hf_dir}: tensor {source.names[0]!r} has shape {list(host.shape)}; "
                     f"the config implies {list(expected)} for {'.'.join(map(str, path))}")
-            value = np.asarray(host).astype(var.get_value().dtype, copy=False)
-            if quantization and should_quantize(path) and not (bits == 4 and value.shape[-2] % 2):
+            fp8_spec = {"bits": 8, "group_size": block[0], "block_n": block[1], "zero_point": False,
+                        "format": "fp8"} if quantization == "fp8" else None
+            if isinstance(host, FP8Tensor):  # kept as stored, with its own blocks
+                value = fp8_weight(np.asarray(host.values), np.asarray(host.scales, np.float32), host.block,
+                                   var.get_value().dtype)
+                quantized[".".join(map(str, path))] = dict(fp8_spec, group_size=host.block[0],
+                                                           block_n=host.block[1])
+            elif quantization == "fp8" and should_quantize(path):
+                value = quantize_fp8(np.asarray(host).astype(var.get_value().dtype, copy=False), block)
+                quantized[".".join(map(str, path))] = fp8_spec
+            else:
+                value = np.asarray(host).astype(var.get_value().dtype, copy=False)
+            if quantization in ("int8", "int4") and should_quantize(path) and \
+                    not (bits == 4 and value.shape[-2] % 2):
                 value = quantize(value, bits)
                 quantized[".".join(map(str, path))] = {"bits": bits, "group_size": 128, "zero_point": False}
             pending[path] = value

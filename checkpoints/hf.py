@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.checkpoints.hf_names import hf_source, ignored
+from moejax.checkpoints.hf_names import FP8Tensor, hf_source, ignored
 from moejax.checkpoints.safetensors import CheckpointError, SafetensorsReader
 from moejax.config import ModelConfig
 
@@ -37,9 +37,12 @@ def load_hf_state(
     *,
     sharding_for: Callable[[tuple, nnx.Variable, tuple], jax.sharding.Sharding],
     transform: Transform | None = None,
+    keep_fp8: bool = False,
     progress: bool = False,
 ) -> nnx.State:
-    """Return `abstract_state` with every parameter read from `directory` and placed on its devices."""
+    """Return `abstract_state` with every parameter read from `directory` and placed on its devices.
+    keep_fp8: an FP8 checkpoint's block-scaled weights stay e4m3 (`QuantizedWeight`s of kind fp8) instead of
+    being dequantized; `transform` then sees only the other tensors."""
     reader = SafetensorsReader(directory)
     names = set(reader.names())
     used: set[str] = set()
@@ -52,7 +55,7 @@ def load_hf_state(
     filled = []
     for path, var in iterator:
         try:
-            source = hf_source(config, path, names)
+            source = hf_source(config, path, names, keep_fp8=keep_fp8)
         except KeyError:
             raise CheckpointError(f"moejax parameter {'.'.join(map(str, path))} has no checkpoint mapping") from None
         used.update(source.names)
@@ -65,7 +68,13 @@ def load_hf_state(
                 f"{directory}: tensor {source.names[0]!r} has shape {list(host.shape)}; "
                 f"the config implies {list(expected)} for {'.'.join(map(str, path))}")
         dtype = var.get_value().dtype
-        if transform is not None:
+        if isinstance(host, FP8Tensor):
+            from moejax.kernels.quant import FP8, fp8_weight, sharding_shape
+
+            sharding = sharding_for(path, var, sharding_shape([host.values.shape, host.scales.shape]))
+            value = fp8_weight(_place(host.values, sharding, FP8), _place(host.scales, sharding, np.float32),
+                               host.block, dtype)
+        elif transform is not None:
             value = transform(path, np.asarray(host).astype(dtype, copy=False))
             # A quantized weight's arrays are all split alike (see kernels.quant.sharding_shape).
             shape = getattr(value, "sharding_shape", None) or value.shape

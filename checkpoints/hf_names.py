@@ -77,12 +77,42 @@ def _linear(prefix: str, path: Path, leaf: str) -> Source:
     return tensor(f"{prefix}.weight", transpose=True) if leaf == "kernel" else tensor(f"{prefix}.bias")
 
 
-def hf_source(config: ModelConfig, path: Path, names: set[str]) -> Source:
-    """The Source of parameter `path`, given the tensor names present in the checkpoint."""
+def hf_source(config: ModelConfig, path: Path, names: set[str], keep_fp8: bool = False) -> Source:
+    """The Source of parameter `path`, given the tensor names present in the checkpoint. FP8 block-scaled
+    tensors are dequantized to float32, or with keep_fp8 kept as an `FP8Tensor` (values and scales in moejax's
+    layout)."""
     source = _layout_source(config, path, names)
     if config.checkpoint_quant == "fp8" and any(f"{n}_scale_inv" in names for n in source.names):
+        if keep_fp8 and all(f"{n}_scale_inv" in names for n in source.names):
+            return _fp8_kept(source, config.fp8_block_size)
         return _fp8(source, names, config.fp8_block_size)
     return source
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Tensor:
+    """A block-scaled e4m3 weight in moejax's layout: values [..., K, N] and scales [..., ceil(K / bk),
+    ceil(N / bn)], each possibly a lazy view (`StackedExperts`); block = (bk, bn) along (K, N)."""
+
+    values: object
+    scales: object
+    block: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+
+def _fp8_kept(source: Source, block) -> Source:
+    """The layout transform applied to the e4m3 values and, alike, to their scale grid. HF blocks are
+    (out, in); every layout transform moves the [out, in] axes to [in, out], so the block swaps too."""
+    n = len(source.names)
+
+    def assemble(arrays):
+        return FP8Tensor(source.assemble(list(arrays[:n])), source.assemble(list(arrays[n:])),
+                         (int(block[1]), int(block[0])))
+
+    return Source(source.names + tuple(f"{name}_scale_inv" for name in source.names), assemble)
 
 
 def _fp8(source: Source, names: set[str], block) -> Source:

@@ -83,8 +83,8 @@ def read_metadata(directory: str, config=None) -> dict:
         raise bad(f"dtype must be float32, bfloat16 or float16, got {meta['dtype']!r}")
     if not isinstance(meta["family"], str):
         raise bad(f"family must be a string, got {meta['family']!r}")
-    if meta.get("quantization") is not None and meta["quantization"] not in ("int8", "int4"):
-        raise bad(f"quantization must be null, int8 or int4, got {meta['quantization']!r}")
+    if meta.get("quantization") is not None and meta["quantization"] not in ("int8", "int4", "fp8"):
+        raise bad(f"quantization must be null, int8, int4 or fp8, got {meta['quantization']!r}")
     quantized = meta["quantized"]
     if not isinstance(quantized, dict):
         raise bad(f"quantized must be an object, got {quantized!r}")
@@ -93,6 +93,11 @@ def read_metadata(directory: str, config=None) -> dict:
                 or not isinstance(spec.get("group_size"), int) or isinstance(spec.get("group_size"), bool) \
                 or spec["group_size"] < 1 or not isinstance(spec.get("zero_point", False), bool):
             raise bad(f"quantized[{name!r}] must be {{bits: 4 or 8, group_size: int >= 1, zero_point: bool}}, "
+                      f"got {spec!r}")
+        if spec.get("format", "int") not in ("int", "fp8") or (spec.get("format") == "fp8" and (
+                spec["bits"] != 8 or not isinstance(spec.get("block_n"), int) or isinstance(spec["block_n"], bool)
+                or spec["block_n"] < 1)):
+            raise bad(f"quantized[{name!r}]: format must be int or fp8 (with bits 8 and block_n: int >= 1), "
                       f"got {spec!r}")
     layers = meta.get("num_layers")
     if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 1):
@@ -113,7 +118,8 @@ def read_metadata(directory: str, config=None) -> dict:
 def restore_state(directory: str, abstract_state, sharding_for, quantized: dict[str, dict] | None = None):
     """Fill `abstract_state` from a converted directory, each array restored into its sharding.
 
-    quantized: "a.b.c" path -> {"bits", "group_size", "zero_point"} for weights stored as QuantizedWeight.
+    quantized: "a.b.c" path -> {"bits", "group_size", "zero_point"} for weights stored as QuantizedWeight
+    (fp8: also "format": "fp8" and "block_n"; group_size is the block along K).
     """
     from flax import nnx
 
@@ -128,6 +134,15 @@ def restore_state(directory: str, abstract_state, sharding_for, quantized: dict[
         spec = quantized.get(".".join(map(str, path)))
         if spec is None:
             target = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding_for(path, var, value.shape))
+        elif spec.get("format") == "fp8":
+            from moejax.kernels.quant import FP8, fp8_weight, sharding_shape
+
+            *lead, k, n = value.shape
+            block = (spec["group_size"], spec["block_n"])
+            shapes = [(*lead, k, n), (*lead, -(-k // block[0]), -(-n // block[1]))]
+            sharding = sharding_for(path, var, sharding_shape(shapes))
+            target = fp8_weight(jax.ShapeDtypeStruct(shapes[0], FP8, sharding=sharding),
+                                jax.ShapeDtypeStruct(shapes[1], np.float32, sharding=sharding), block, value.dtype)
         else:
             *lead, k, n = value.shape
             bits = spec["bits"]

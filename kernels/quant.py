@@ -1,11 +1,14 @@
-"""Weight-only int8 / int4 quantization of input-major weights [..., K, N] (linear [K, N], experts [E, K, N]).
+"""Quantized input-major weights [..., K, N] (linear [K, N], experts [E, K, N]): int8, int4 and block-scaled FP8.
 
 int8: symmetric per output channel, w = q * scale[N].
 int4: two codes per byte packed along K (low nibble = even k, vLLM's moe_wna16 order), group-wise scales over
 K (group 128 by default; one group when K is not a multiple), w = (q - zero) * scale, zero = 8 unless zero
 points are stored (then uint8, one per group and column).
-Scales are kept in the model's compute dtype. A `QuantizedWeight` is a pytree accepted wherever a weight array
-is (`kernels.matmul`, `kernels.experts`).
+fp8: e4m3 values with one float32 scale per block of block_k x block_n (DeepSeek-V3's 128 x 128 recipe, the
+checkpoints' `weight_scale_inv` transposed to input-major), w[k, n] = q[k, n] * scale[k // block_k, n // block_n];
+the scale grid is rounded up, so edge blocks may be partial.
+int scales are kept in the model's compute dtype, fp8 scales in float32 (`compute_dtype` names the model's).
+A `QuantizedWeight` is a pytree accepted wherever a weight array is (`kernels.matmul`, `kernels.experts`).
 """
 
 from __future__ import annotations
@@ -17,16 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_GROUP = 128
+FP8_BLOCK = (128, 128)  # (block_k, block_n) of `quantization="fp8"`
+FP8_MAX = 448.0  # the largest finite e4m3 value
+FP8 = jnp.float8_e4m3fn
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    values: jax.Array  # int8 [..., K, N] or uint8 [..., K // 2, N]
-    scales: jax.Array  # [..., 1, N] (int8) or [..., K // group, N] (int4)
+    values: jax.Array  # int8 [..., K, N], uint8 [..., K // 2, N] (int4) or float8_e4m3fn [..., K, N]
+    scales: jax.Array  # [..., 1, N] (int8), [..., K // group, N] (int4), [..., ceil(K / bk), ceil(N / bn)] (fp8)
     zeros: jax.Array | None = None  # uint8 [..., K // group, N] (int4 with zero points)
     bits: int = dataclasses.field(default=8, metadata=dict(static=True))
-    group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
+    group_size: int = dataclasses.field(default=0, metadata=dict(static=True))  # int4: group; fp8: block_k
+    block_n: int = dataclasses.field(default=0, metadata=dict(static=True))  # fp8 only
+    compute_dtype: str | None = dataclasses.field(default=None, metadata=dict(static=True))  # fp8 only
+
+    @property
+    def kind(self) -> str:
+        """"int8", "int4" or "fp8"."""
+        return "fp8" if self.block_n else f"int{self.bits}"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -35,7 +48,7 @@ class QuantizedWeight:
 
     @property
     def dtype(self):
-        return self.scales.dtype
+        return jnp.dtype(self.compute_dtype) if self.compute_dtype else self.scales.dtype
 
     @property
     def sharding_shape(self) -> tuple[int, ...]:
@@ -93,6 +106,48 @@ def quantize(w, bits: int, group_size: int = DEFAULT_GROUP, zero_point: bool = F
                            bits=4, group_size=g)
 
 
+def quantize_fp8(w, block: tuple[int, int] = FP8_BLOCK, compute_dtype=None) -> QuantizedWeight:
+    """Block-scaled e4m3 of [..., K, N] (numpy or jax): each block's scale maps its largest magnitude to 448.
+    compute_dtype: the model's dtype (default: w's)."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    *lead, k, n = w.shape
+    bk, bn = block
+    gk, gn = -(-k // bk), -(-n // bn)
+    w32 = w.astype(np.float32)
+    padded = xp.pad(w32, [(0, 0)] * len(lead) + [(0, gk * bk - k), (0, gn * bn - n)])
+    blocks = padded.reshape(*lead, gk, bk, gn, bn)
+    scale = xp.max(xp.abs(blocks), axis=(-3, -1)) / FP8_MAX
+    scale = xp.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = xp.clip(blocks / scale[..., :, None, :, None], -FP8_MAX, FP8_MAX).reshape(*lead, gk * bk, gn * bn)
+    q = q[..., :k, :n].astype(FP8)
+    return fp8_weight(q, scale, block, compute_dtype or w.dtype)
+
+
+def fp8_weight(values, scales, block: tuple[int, int], compute_dtype) -> QuantizedWeight:
+    """Wrap stored e4m3 values [..., K, N] and float32 block scales, checking the scale grid."""
+    *_, k, n = values.shape
+    expected = (-(-k // block[0]), -(-n // block[1]))
+    if tuple(scales.shape[-2:]) != expected or tuple(scales.shape[:-2]) != tuple(values.shape[:-2]):
+        raise ValueError(f"fp8 scales {list(scales.shape)} do not match values {list(values.shape)} with blocks "
+                         f"{list(block)} (expected {[*values.shape[:-2], *expected]})")
+    return QuantizedWeight(values, scales, None, bits=8, group_size=int(block[0]), block_n=int(block[1]),
+                           compute_dtype=jnp.dtype(compute_dtype).name)
+
+
+def fp8_block(config) -> tuple[int, int]:
+    """(block_k, block_n) of a model's fp8 weights in moejax's input-major layout: the checkpoint's
+    weight_block_size is (out, in)."""
+    out_block, in_block = config.fp8_block_size
+    return int(in_block), int(out_block)
+
+
+def fp8_scales_full(w: QuantizedWeight) -> jax.Array:
+    """An fp8 weight's block scales repeated to every element, [..., K, N] float32."""
+    *_, k, n = w.values.shape
+    s = jnp.repeat(jnp.repeat(w.scales.astype(jnp.float32), w.group_size, axis=-2), w.block_n, axis=-1)
+    return s[..., :k, :n]
+
+
 def unpack_int4(values: jax.Array) -> jax.Array:
     """uint8 [..., K // 2, N] -> codes [..., K, N] (int32), even k from the low nibble."""
     lo = (values & 0xF).astype(jnp.int32)
@@ -102,6 +157,8 @@ def unpack_int4(values: jax.Array) -> jax.Array:
 
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+    if w.kind == "fp8":
+        return (w.values.astype(jnp.float32) * fp8_scales_full(w)).astype(dtype)
     if w.bits == 8:
         return (w.values.astype(jnp.float32) * w.scales.astype(jnp.float32)).astype(dtype)
     codes = unpack_int4(w.values).astype(jnp.float32)
@@ -122,11 +179,14 @@ def as_array(w, dtype=None):
     return w
 
 
-def quantized_nbytes(shape, bits: int, dtype, group_size: int = DEFAULT_GROUP, zero_point: bool = False) -> int:
-    """Bytes moejax stores for a [..., K, N] weight quantized this way."""
+def quantized_nbytes(shape, bits, dtype, group_size: int = DEFAULT_GROUP, zero_point: bool = False) -> int:
+    """Bytes moejax stores for a [..., K, N] weight quantized this way (bits: 8, 4 or "fp8")."""
     *lead, k, n = shape
     lead_n = int(np.prod(lead, dtype=np.int64)) if lead else 1
     elem = np.dtype(dtype).itemsize
+    if bits == "fp8":
+        bk, bn = FP8_BLOCK
+        return lead_n * (k * n + (-(-k // bk)) * (-(-n // bn)) * 4)
     if bits == 8:
         return lead_n * (k * n + n * elem)
     g = group_size_for(k, group_size)
@@ -143,8 +203,16 @@ def should_quantize(path: tuple) -> bool:
     return path[-1] in _QUANTIZED_LEAVES and not (_SKIPPED_MODULES & set(map(str, path)))
 
 
-def model_transform(quantization: str, dtype):
+def model_transform(quantization: str, dtype, fp8_block: tuple[int, int] = FP8_BLOCK):
     """The loader hook of `LLM(quantization=...)`: (path, host array) -> array or QuantizedWeight."""
+    if quantization == "fp8":
+        def transform(path, host):
+            if not should_quantize(path):
+                return host
+            return quantize_fp8(host if isinstance(host, jax.Array) else np.asarray(host), fp8_block,
+                                compute_dtype=dtype)
+
+        return transform
     bits = {"int8": 8, "int4": 4}[quantization]
 
     def transform(path, host):

@@ -10,7 +10,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="HF model directory or moejax checkpoint "
                    "(default: the embedded tiny model)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"])
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--dp", type=int, default=1, help="data parallel size")

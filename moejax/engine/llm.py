@@ -21,8 +21,9 @@ from moejax.engine.outputs import RequestOutput
 from moejax.engine.runner import Buckets, ModelRunner, bucket
 from moejax.engine.sampling import SamplingParams
 from moejax.engine.tokenizer import Tokenizer
+from moejax.kernels.quant import fp8_block
 from moejax.models import build_abstract
-from moejax.plan.memory import KV_CACHE_DTYPES, Mesh, check_divisible, plan_memory, smallest_fix
+from moejax.plan.memory import KV_CACHE_DTYPES, Mesh, check_divisible, plan_memory, resolve_weights, smallest_fix
 from moejax.sharding.distributed import initialize_from_env
 from moejax.sharding.mesh import make_mesh, sharding_for_axes
 from moejax.sharding.rules import EXPERT, TENSOR, experts_over
@@ -30,7 +31,7 @@ from moejax.sharding.rules import EXPERT, TENSOR, experts_over
 logger = logging.getLogger("moejax")
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4", "fp8")
 LOAD_FORMATS = ("auto", "dummy")
 MIN_PREFILL_BUCKET = 16
 HOST_MEMORY = "pinned_host"  # where offload_experts=True keeps the routed experts
@@ -128,8 +129,8 @@ class LLM:
             if quantization not in (None, stored):
                 raise ValueError(f"quantization={quantization!r}: {model} was converted with {stored!r}")
             quantization = stored
-        if dtype == "auto":
-            dtype = c.dtype if c.dtype in DTYPES else "bfloat16"
+        if self.checkpoint is None:  # an FP8 checkpoint stays FP8, as vLLM follows quantization_config
+            dtype, quantization = resolve_weights(c, dtype, quantization)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
         if quantization not in QUANTIZATIONS:
@@ -215,7 +216,8 @@ class LLM:
         elif self.checkpoint is not None:
             state = orbax_store.restore_state(model, abstract, sharding_for, self.checkpoint.get("quantized"))
         else:
-            state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer())
+            state = load_hf_state(model, c, abstract, sharding_for=sharding_for, transform=self._quantizer(),
+                                  keep_fp8=quantization == "fp8")
         budget = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
         block = min(PREFILL_BLOCK, page_size * 4)
         buckets = Buckets(max_decode=bucket(max_num_seqs), max_prefill=max(budget // block, 1) * block,
@@ -378,7 +380,7 @@ class LLM:
             return None
         from moejax.kernels import quant
 
-        return quant.model_transform(self.quantization, self.dtype)
+        return quant.model_transform(self.quantization, self.dtype, fp8_block=fp8_block(self.config))
 
     def _prompts(self, prompts, prompt_token_ids):
         if (prompts is None) == (prompt_token_ids is None):

@@ -10,7 +10,7 @@ import sys
 from moejax.config import ModelConfig
 from moejax.plan.comm import (HBM_TBPS, INFINIBAND_GBPS, MATMUL_TFLOPS, NODE_DEVICES, NOT_IN_MEMORY, NVLINK_GBPS,
                                LayoutEstimate, Links, describe, estimate, rank_layouts)
-from moejax.plan.memory import GIB, KINDS, Mesh, MemoryPlan, plan_memory
+from moejax.plan.memory import GIB, KINDS, Mesh, MemoryPlan, plan_memory, resolve_weights
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,8 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention's requests and KV cache split over the --ep ranks (SGLang's name; planned only)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="routed experts split whole over the --tp ranks (vLLM's name), not their width")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | fp8 (block-scaled)")
-    p.add_argument("--quantization", default=None, help="int8 | int4 (weight-only)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (the checkpoint's, as LLM loads it: FP8 checkpoints stay FP8) | bfloat16 | float16 | "
+                        "float32 | fp8 (bfloat16 with --quantization fp8)")
+    p.add_argument("--quantization", default=None,
+                   help="int8 | int4 (weight-only) | fp8 (e4m3, 128x128 block scales)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="auto: the model's dtype; fp8: e4m3 pages, twice the tokens")
     p.add_argument("--offload-experts", action="store_true", help="keep routed experts in host memory")
@@ -81,7 +84,8 @@ def run(args) -> int:
     mesh = Mesh(args.tp, args.ep, args.dp, expert_over_tp=args.enable_expert_parallel, pp=args.pp,
                 dp_attention=args.enable_dp_attention)
     name = args.model if path != args.model else os.path.basename(os.path.normpath(path))
-    plan_kw = dict(dtype=args.dtype, quantization=args.quantization, offload_experts=args.offload_experts,
+    dtype, quantization = resolve_weights(config, args.dtype, args.quantization)
+    plan_kw = dict(dtype=dtype, quantization=quantization, offload_experts=args.offload_experts,
                    offload_cache_experts=args.offload_cache_experts, device_memory_bytes=int(args.gpu_memory * GIB),
                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, model=name, kv_cache_dtype=args.kv_cache_dtype)

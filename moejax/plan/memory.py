@@ -10,13 +10,15 @@ import dataclasses
 import math
 
 from moejax.config import ModelConfig
-from moejax.kernels.quant import sharding_shape
+from moejax.kernels.quant import fp8_block, sharding_shape
 from moejax.plan.params import KINDS, ParamCounts, TensorSpec, count_params, inventory
 from moejax.sharding.rules import DATA, EXPERT, TENSOR, experts_over, logical_to_spec
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4", "fp8")
+# bytes a weight keeps, smallest last: what --quantization suggestions may step down to
+_QUANT_RANK = {None: 0, "fp8": 1, "int8": 1, "int4": 2}
 INT4_GROUP = 128
 WORKSPACE_TOKENS = 8192  # the largest prefill the workspace reserve is sized for
 ATTENTION_QUERY_BLOCK = 512  # moejax.layers.attention.QUERY_CHUNK
@@ -49,15 +51,32 @@ def int4_group_size(k: int, group: int = INT4_GROUP) -> int:
     return group if k % group == 0 else k
 
 
-def stored_arrays(t: TensorSpec, dtype: str, quantization: str | None) -> list[tuple[tuple[int, ...], int]]:
-    """(shape, bytes per element) of each array moejax stores for tensor `t`."""
+MODEL_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def resolve_weights(config: ModelConfig, dtype: str, quantization: str | None) -> tuple[str, str | None]:
+    """(dtype, quantization) that `LLM` loads for "auto" and None: the config's dtype, and an FP8 checkpoint
+    (quantization_config fp8) stays FP8 unless float32 is asked for, which dequantizes it exactly."""
+    if config.checkpoint_quant == "fp8" and quantization is None and dtype != "float32":
+        quantization = "fp8"
+    if dtype == "auto":
+        dtype = config.dtype if config.dtype in MODEL_DTYPES else "bfloat16"
+    return dtype, quantization
+
+
+def stored_arrays(t: TensorSpec, dtype: str, quantization: str | None,
+                  fp8_block: tuple[int, int] = (128, 128)) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, bytes per element) of each array moejax stores for tensor `t`. dtype "fp8" stands for bfloat16
+    with quantization "fp8"; fp8_block: (block_k, block_n) of the input-major layout."""
+    if dtype == "fp8":
+        dtype, quantization = "bfloat16", "fp8"
     elem = 4 if t.float32 else DTYPE_BYTES[dtype]
     if not t.quantizable:
-        return [(t.shape, 4 if t.float32 else DTYPE_BYTES["bfloat16" if dtype == "fp8" else dtype])]
+        return [(t.shape, elem)]
     *lead, k, n = t.shape
     lead = tuple(lead)
-    if dtype == "fp8":  # fp8 values with float32 block scales over 128 x 128 tiles ([out, in] grid)
-        return [(t.shape, 1), ((*lead, math.ceil(k / 128), math.ceil(n / 128)), 4)]
+    if quantization == "fp8":  # e4m3 values with float32 scales, one per block
+        return [(t.shape, 1), ((*lead, math.ceil(k / fp8_block[0]), math.ceil(n / fp8_block[1])), 4)]
     if quantization == "int8":
         return [(t.shape, 1), ((*lead, 1, n), elem)]
     if quantization == "int4":
@@ -77,8 +96,9 @@ def shard_factor(axes, shape, mesh: Mesh) -> int:
     return factor
 
 
-def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None, mesh: Mesh) -> int:
-    arrays = stored_arrays(t, dtype, quantization)
+def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None, mesh: Mesh,
+                            fp8_block: tuple[int, int] = (128, 128)) -> int:
+    arrays = stored_arrays(t, dtype, quantization, fp8_block)
     # The stored arrays of one weight are split alike: only along axes that every one of them divides.
     factor = shard_factor(t.axes, sharding_shape([shape for shape, _ in arrays]), mesh)
     total = 0
@@ -193,22 +213,23 @@ def plan_memory(
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
-    if dtype == "fp8" and quantization:
+    if dtype == "fp8" and quantization not in (None, "fp8"):
         raise ValueError("dtype fp8 and quantization are exclusive")
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     check_divisible(config, mesh)
     max_model_len = max_model_len or config.max_position_embeddings
     host = 0
+    block = fp8_block(config)
     stages = stage_layers(config.num_layers, mesh.pp)
     stage_kinds = [{k: 0 for k in KINDS} for _ in stages]
     for t in inventory(config):
         if offload_experts and t.kind == "routed_experts":
             # The host keeps every routed expert whole, for all of its devices.
-            host += tensor_bytes_per_device(t, dtype, quantization, Mesh())
+            host += tensor_bytes_per_device(t, dtype, quantization, Mesh(), block)
             continue
         for s in _stages_of(t, stages, config.tie_word_embeddings):
-            stage_kinds[s][t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh)
+            stage_kinds[s][t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh, block)
     # a device holds one stage: the largest
     by_kind = max(stage_kinds, key=lambda kinds: sum(kinds.values()))
     if offload_cache_experts and host:
@@ -283,7 +304,7 @@ def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> st
         candidates.append(("--kv-cache-dtype fp8", dict(kw, kv_cache_dtype="fp8"), m))
     if plan.dtype != "fp8":
         for q in ("int8", "int4"):
-            if (QUANTIZATIONS.index(q) > QUANTIZATIONS.index(plan.quantization)):
+            if _QUANT_RANK[q] > _QUANT_RANK[plan.quantization]:
                 candidates.append((f"--quantization {q}", dict(kw, quantization=q), m))
     for ep in (2, 4, 8, 16, 32, 64):
         if ep > m.ep and config.num_experts % ep == 0:

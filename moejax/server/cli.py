@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the model's")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body accepted")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"])
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--ep", "--expert-parallel-size", dest="ep", type=int, default=1)
     p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1)

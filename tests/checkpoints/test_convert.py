@@ -33,6 +33,7 @@ def test_convert_then_load_equals_hf(hf_model_dir, tmp_path, family):
         src = hf_model_dir(family)
     # Quantized conversion is family-agnostic: it runs for one GQA family and for the two unusual layouts.
     modes = [None, "int8", "int4"] if family in ("qwen3_moe", "deepseek_v3", "gpt_oss") else [None]
+    modes += ["fp8"] if family == "deepseek_v3" else []
     for quantization in modes:
         out = str(tmp_path / f"out_{quantization}")
         convert(src, out, quantization=quantization)

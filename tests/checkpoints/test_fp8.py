@@ -80,3 +80,97 @@ def test_scale_grid_mismatch_names_the_shapes():
         assert "[2, 3]" in str(e) and "[40, 70]" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def _fp8_deepseek(tmp_path, block):
+    """A tiny DeepSeek-V3 as an FP8 block checkpoint (every linear but the router and lm_head, as the Hub's
+    DeepSeek-V3 stores it) and as its exactly dequantized float32 twin."""
+    from tests.hf_models import make_deepseek
+
+    global BLOCK
+    src = make_deepseek(str(tmp_path / "src"))
+    reader = SafetensorsReader(src)
+    tensors, exact = {}, {}
+    saved, BLOCK = BLOCK, block
+    try:
+        for name in reader.names():
+            w = np.array(reader.get(name))
+            if name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and w.ndim == 2:
+                q, s = quantize_fp8(w, np.float32)
+                tensors[name], tensors[name + "_scale_inv"] = q, s
+                exact[name] = own_dequant(q, s)
+            else:
+                tensors[name] = exact[name] = w
+    finally:
+        BLOCK = saved
+    fp8_dir, f32_dir = tmp_path / "fp8", tmp_path / "f32"
+    config = json.load(open(os.path.join(src, "config.json")))
+    for d, ts, quant in ((f32_dir, exact, None), (fp8_dir, tensors, block)):
+        d.mkdir()
+        cfg = dict(config)
+        if quant:
+            cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(quant),
+                                          "activation_scheme": "dynamic"}
+        json.dump(cfg, open(d / "config.json", "w"))
+        save_safetensors(str(d / "model.safetensors"), ts)
+    return str(fp8_dir), str(f32_dir)
+
+
+def test_fp8_deepseek_checkpoint_stays_fp8_and_matches_its_dequantized_model(tmp_path):
+    import collections
+
+    import jax
+
+    from moejax.kernels.quant import QuantizedWeight, should_quantize
+
+    # 24-wide projections against 16-blocks: partial edge blocks in both directions
+    fp8_dir, f32_dir = _fp8_deepseek(tmp_path, (16, 16))
+    ref = LLM(f32_dir, dtype="float32")
+    ids = list(range(3, 40))
+    want = ref.logits(ids)
+
+    # quantization="fp8" with float32 activations: the weights the kernels see are the dequantized ones
+    fp8 = LLM(fp8_dir, dtype="float32", quantization="fp8")
+    kinds = collections.Counter()
+    for path, var in flat_params(fp8.runner.state):
+        value = var.get_value()
+        if isinstance(value, QuantizedWeight):
+            assert value.kind == "fp8" and value.values.dtype == ml_dtypes.float8_e4m3fn, path
+            assert value.scales.dtype == np.float32 and (value.group_size, value.block_n) == (16, 16)
+            kinds[path[-1]] += 1
+        else:
+            assert not should_quantize(path), f"{path} was not kept in fp8"
+    assert kinds["w_gate"] and kinds["kernel"], kinds
+    np.testing.assert_allclose(fp8.logits(ids), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+    # with bfloat16 activations the weights stay fp8 too (as with dtype="auto" on a bf16 checkpoint); bf16's
+    # 8 mantissa bits over 4 layers bound the error
+    auto = LLM(fp8_dir, dtype="bfloat16")
+    assert auto.quantization == "fp8"
+    got = auto.logits(ids)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+    # bytes on the device equal the planner's fp8 figure
+    per_device = collections.Counter()
+    for leaf in jax.tree.leaves(auto.runner.state):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    assert max(per_device.values()) == auto.memory_plan.weight_bytes_per_device
+    assert auto.memory_plan.quantization == "fp8"
+
+
+def test_convert_keeps_an_fp8_checkpoint_in_fp8(tmp_path):
+    from moejax.checkpoints.convert import convert
+    from moejax.kernels.quant import QuantizedWeight
+
+    fp8_dir, _ = _fp8_deepseek(tmp_path, (16, 16))
+    out = str(tmp_path / "converted")
+    convert(fp8_dir, out)
+    meta = json.load(open(os.path.join(out, "moejax_checkpoint.json")))
+    assert meta["quantization"] == "fp8" and meta["dtype"] == "float32"
+    converted, direct = LLM(out), LLM(fp8_dir)
+    assert converted.quantization == "fp8"
+    weights = [v.get_value() for _, v in flat_params(converted.runner.state)]
+    assert any(isinstance(w, QuantizedWeight) and w.kind == "fp8" for w in weights)
+    ids = list(range(3, 40))
+    np.testing.assert_array_equal(converted.logits(ids), direct.logits(ids))

@@ -79,7 +79,7 @@ def test_predicted_bytes_equal_engine_allocation(hf_model_dir, family, tp, ep, d
     assert allocated_bytes_per_device(pool) == llm.memory_plan.kv_bytes_per_token * pool.num_pages * pool.page_size
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("tp, ep", [(1, 1), (2, 4)])
 def test_predicted_quantized_bytes_equal_engine_allocation(hf_model_dir, quantization, tp, ep):
     llm = LLM(hf_model_dir("qwen2_moe"), quantization=quantization, tensor_parallel_size=tp,
@@ -194,3 +194,26 @@ def test_bad_planned_layouts(mesh, match):
     config = ModelConfig.from_file(known_models.resolve("deepseek-v3"))
     with pytest.raises(ValueError, match=match):
         plan_memory(config, mesh=mesh)
+
+
+def test_deepseek_r1_fits_8_h200_as_its_fp8_checkpoint_and_the_engine_allocates_the_plan(tmp_path):
+    """The checkpoint's own dtype (dtype="auto": FP8 stays FP8) fits 8 x 141 GB; bf16 weights would not. The
+    engine, on 8 virtual devices with the real config cut to its first (dense) layer, holds what the plan says."""
+    config = ModelConfig.from_file(CONFIGS / "deepseek-r1")
+    assert config.checkpoint_quant == "fp8"
+    h200 = dict(mesh=Mesh(tp=8), device_memory_bytes=int(141e9), max_model_len=4096)
+    assert plan_memory(config, quantization="fp8", **h200).fits
+    assert not plan_memory(config, **h200).fits
+    proc = subprocess.run([sys.executable, "-m", "moejax.cli", "plan", "deepseek-r1", "--tp", "8", "--gpu-memory",
+                           str(141e9 / GIB), "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads(proc.stdout)
+    assert cli["fits"] and cli["weight_bytes_per_device"] == plan_memory(config, quantization="fp8",
+                                                                          **h200).weight_bytes_per_device
+
+    raw = json.loads((CONFIGS / "deepseek-r1" / "config.json").read_text())
+    raw["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    llm = LLM(str(tmp_path), load_format="dummy", tensor_parallel_size=8, max_model_len=64, max_num_seqs=2)
+    assert llm.quantization == "fp8"
+    assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
