@@ -3,9 +3,10 @@
     python -m moejax.kernels.bench [--sweep] [--shapes 0 3]      # or: moejax bench kernels ...
 
 For the six shapes of REFERENCE.md section 3 (x @ W_gate_up, random routing) it prints moejax's fused gate/up
-kernel in bf16, int8 and int4 (tiles from the tuned table), XLA's ragged_dot, torch._grouped_mm (when torch has
-CUDA), the rooflines from the bytes and flops each variant needs, and the whole expert layer (moejax vs the
-ragged_dot reference). Then routing (T=4096, E=256, 8 groups, top-4 groups, top-8, sigmoid with bias) against its
+kernel in bf16, int8, int4 and block-scaled fp8 (W8A16 for decode, W8A8 for prefill; tiles from the tuned
+table), XLA's ragged_dot, torch._grouped_mm and torch._scaled_grouped_mm (fp8, row-wise scales; when torch has
+CUDA), the rooflines from the bytes and flops each variant needs at the HBM bandwidth and the bf16 and fp8 matmul
+rates measured at the start of the same run, and the whole expert layer (moejax vs the ragged_dot reference). Then routing (T=4096, E=256, 8 groups, top-4 groups, top-8, sigmoid with bias) against its
 jitted pure-JAX reference. `--sweep` first times a grid of tiles per shape and weight type and prints the best.
 
 Method: every figure is the median of several rounds, each a single jitted call that runs the op on R different
@@ -30,13 +31,15 @@ import numpy as np
 
 from moejax.kernels.align import align_rows
 from moejax.kernels.experts import ExpertWeights, experts_reference
-from moejax.kernels.pallas_experts import Tiles, choose_tiles, dequantizes_first, experts_pallas, grouped_matmul
+from moejax.kernels.pallas_experts import (Tiles, choose_tiles, dequantizes_first, experts_pallas, fp8_activations,
+                                          grouped_matmul)
 from moejax.kernels.pallas_routing import route_pallas
-from moejax.kernels.quant import dequantize, quantize, quantized_nbytes
+from moejax.kernels.quant import dequantize, quantize, quantize_fp8, quantized_nbytes
 from moejax.kernels.routing import RoutingConfig, route_reference
 
-HBM = 2.6e12  # bytes/s, measured on H100 (REFERENCE.md section 1)
-PEAK = 680e12  # bf16 flop/s, measured XLA matmul on H100
+# Replaced by `measure_machine` at the start of a GPU run; these H100 figures (REFERENCE.md section 1) only
+# stand in off the GPU.
+RATES = {"hbm": 2.6e12, "bf16": 680e12, "fp8": 1360e12}
 
 SHAPES = [  # name, tokens, experts, hidden, expert width, top_k
     ("qwen3 decode 1", 1, 128, 2048, 768, 8),
@@ -47,8 +50,8 @@ SHAPES = [  # name, tokens, experts, hidden, expert width, top_k
     ("mixtral prefill 4096", 4096, 8, 4096, 14336, 2),
 ]
 ROUTING_TOKENS = 4096
-BITS = (0, 8, 4)
-LABEL = {0: "bf16", 8: "int8", 4: "int4"}
+BITS = (0, 8, 4, "fp8")
+LABEL = {0: "bf16", 8: "int8", 4: "int4", "fp8": "fp8"}
 INTERPRET = jax.default_backend() != "gpu"  # off the GPU the kernels are interpreted (a smoke test of this script)
 
 
@@ -90,6 +93,27 @@ def _median_us(run, per_call: int, rounds: int = 7) -> float:
         jax.block_until_ready(run())
         times.append(time.perf_counter() - t0)
     return float(np.median(times)) / per_call * 1e6
+
+
+def measure_machine(size_gb: float = 2.0, n: int = 8192) -> dict:
+    """HBM bandwidth (a large copy: bytes read + written per second) and the bf16 and fp8 matmul rates
+    (n x n x n, XLA's cuBLAS kernels), measured now on this device."""
+    rates = {}
+    reps = 5
+    x = jnp.ones((int(size_gb * 1e9) // 4,), jnp.float32)
+    copy = jax.jit(lambda a: [a * (1 + 1e-3 * i) for i in range(reps)])  # each reads x and writes a copy
+    rates["hbm"] = 2 * x.nbytes / (_median_us(lambda: copy(x), reps) * 1e-6)
+    del x
+    key = jax.random.key(0)
+    for name, dtype in (("bf16", jnp.bfloat16), ("fp8", jnp.float8_e4m3fn)):
+        a = jax.random.normal(key, (n, n), jnp.bfloat16).astype(dtype)
+        bs = [jax.random.normal(jax.random.fold_in(key, i), (n, n), jnp.bfloat16).astype(dtype) for i in range(reps)]
+        mm = jax.jit(lambda a, bs: [jax.lax.dot(a, b, preferred_element_type=jnp.bfloat16) for b in bs])
+        try:
+            rates[name] = 2 * n ** 3 / (_median_us(lambda: mm(a, bs), reps) * 1e-6)
+        except Exception as err:  # noqa: BLE001 - e.g. no fp8 matmul on this GPU: keep the stand-in
+            print(f"  {name} matmul rate not measured: {str(err).splitlines()[0][:100]}", flush=True)
+    return rates
 
 
 def compile_all(jobs: dict, workers: int = 16) -> dict:
@@ -148,6 +172,7 @@ def build_problem(name, tokens, e, d, f, k, rng, reps) -> Problem:
     params = {0: bf16}
     for bits in (8, 4):
         params[bits] = ExpertWeights(*(quant(w, bits) for w in (bf16.w_gate, bf16.w_up, bf16.w_down)))
+    params["fp8"] = ExpertWeights(*(jax.jit(quantize_fp8)(w) for w in (bf16.w_gate, bf16.w_up, bf16.w_down)))
     return Problem(name, tokens, e, d, f, k, xs, ws, ids, params)
 
 
@@ -165,15 +190,17 @@ def gate_up_job(p: Problem, bits: int, tiles: Tiles, rows_cache: dict):
     rows, blocks = rows_cache[tiles.block_m]
     w = p.params[bits]
 
-    dequantize_first = bits and dequantizes_first(p.m, p.e)  # what experts_pallas does for prefill
+    # what experts_pallas does for prefill: int weights are widened first, fp8 runs W8A8
+    dequantize_first = bits in (8, 4) and dequantizes_first(p.m, p.e)
+    fp8_x = bits == "fp8" and fp8_activations(p.m, p.e, jnp.bfloat16)
 
     @jax.jit
     def run(g, u, rows, blocks):
         if dequantize_first:
             g, u = dequantize(g, jnp.bfloat16), dequantize(u, jnp.bfloat16)
         # Not chained: a pallas_call is never merged, and the barrier cost ~2x on some shapes (H100 run).
-        return [grouped_matmul(r, b, [g, u], tiles, fuse=True, out_dtype=jnp.bfloat16, interpret=INTERPRET)
-                for r, b in zip(rows, blocks)]
+        return [grouped_matmul(r, b, [g, u], tiles, fuse=True, out_dtype=jnp.bfloat16, interpret=INTERPRET,
+                               fp8_x=fp8_x) for r, b in zip(rows, blocks)]
 
     return run, (w.w_gate, w.w_up, rows, blocks)
 
@@ -205,6 +232,9 @@ def sweep_candidates(per_expert: float, bits: int) -> list[Tiles]:
         grid = dict(bm=[16, 32], bn=[64, 128, 256], bk=[64, 128], split=[1], launch=[(4, 3), (4, 4)])
     else:
         grid = dict(bm=[64, 128], bn=[128, 256], bk=[32, 64], split=[1], launch=[(4, 3), (8, 3), (8, 4)])
+    if bits == "fp8":  # column tiles stop at the 128-wide scale block; fp8 MMAs want K steps of 32 or more
+        grid["bn"] = sorted({min(b, 128) for b in grid["bn"]} | {32})
+        grid["bk"] = [64, 128]
     bks = [b for b in grid["bk"] if bits != 4 or b <= 128]
     return [Tiles(bm, bn, bk, w, st, sk) for bm in grid["bm"] for bn in grid["bn"] for bk in bks
             for sk in grid["split"] for w, st in grid["launch"]]
@@ -225,7 +255,8 @@ def time_gate_up(p: Problem, tiles_by_key: dict) -> dict:
             continue
         a = args[key]
         err = check_gate_up(p, key[0], exe(*a), a)
-        if not err < 2e-2:
+        # W8A8 rounds the activations to e4m3 (3 mantissa bits): a few percent of the largest output
+        if not err < (8e-2 if key[0] == "fp8" and fp8_activations(p.m, p.e, jnp.bfloat16) else 2e-2):
             out[key] = f"wrong: error {err:.1e}"
             continue
         out[key] = _median_us(lambda exe=exe, a=a: exe(*a), len(p.xs))
@@ -260,6 +291,34 @@ def torch_grouped_mm_us(p: Problem, sorted_rows) -> float | None:
             torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
 
     return cuda_event_us(run, len(calls))
+
+
+def torch_scaled_grouped_mm_us(p: Problem, sorted_rows) -> float | str | None:
+    """torch's FP8 grouped GEMM (e4m3 x e4m3, row-wise float32 scales: its supported recipe; moejax's block
+    scales are finer), over the same sorted rows; None without torch/CUDA, the error text when it refuses."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_grouped_mm"):
+        return None
+    e4m3 = torch.float8_e4m3fn
+    w = torch.randn(p.e, 2 * p.f, p.d, device="cuda").to(e4m3)  # [E, N, K]: K-major, as the kernel wants
+    w_scale = torch.ones(p.e, 2 * p.f, device="cuda", dtype=torch.float32)
+    calls = []
+    for x, (token_of_row, counts) in zip(p.xs, sorted_rows):
+        xs = torch.tensor(np.asarray(x, np.float32)[token_of_row], device="cuda").to(e4m3)
+        offs = torch.tensor(np.cumsum(counts), dtype=torch.int32, device="cuda")
+        calls.append((xs, torch.ones(xs.shape[0], device="cuda", dtype=torch.float32), offs))
+
+    def run():
+        for xs, x_scale, offs in calls:
+            torch._scaled_grouped_mm(xs, w.transpose(-2, -1), x_scale, w_scale, offs=offs, out_dtype=torch.bfloat16)
+
+    try:
+        return cuda_event_us(run, len(calls))
+    except Exception as err:  # noqa: BLE001 - an unsupported build or shape is reported, not fatal
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
 
 
 def peers_and_layers(p: Problem, sorted_rows) -> dict:
@@ -299,7 +358,8 @@ def rooflines(p: Problem) -> tuple[dict, int]:
     out = {}
     for bits in BITS:
         w = active * 2 * p.d * p.f * 2 if bits == 0 else quantized_nbytes((active, p.d, 2 * p.f), bits, jnp.bfloat16)
-        out[bits] = max((w + acts) / HBM, flops / PEAK) * 1e6
+        rate = RATES["fp8"] if bits == "fp8" and fp8_activations(p.m, p.e, jnp.bfloat16) else RATES["bf16"]
+        out[bits] = max((w + acts) / RATES["hbm"], flops / rate) * 1e6
     return out, active
 
 
@@ -345,10 +405,16 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all six)")
     ap.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
     ap.add_argument("--no-layer", action="store_true", help="skip the peers and whole-layer timings")
+    ap.add_argument("--sweep-weights", nargs="*", default=None, choices=["bf16", "int8", "int4", "fp8"],
+                    help="with --sweep: only these weight types (default: all)")
     ap.add_argument("--json", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "bench.json"))
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    if not INTERPRET:
+        RATES.update(measure_machine())
+    print("rates: " + ", ".join(f"{k} {v / 1e12:.2f} {'TB/s' if k == 'hbm' else 'TFLOP/s'}"
+                                for k, v in RATES.items()), flush=True)
     results, sweeps = [], {}
     for index, (name, tokens, e, d, f, k) in enumerate(SHAPES):
         if args.shapes is not None and index not in args.shapes:
@@ -356,10 +422,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         p = build_problem(name, tokens, e, d, f, k, rng, reps=8 if tokens <= 256 else 1)
         per_expert = p.m / e
-        tuned = {(bits, choose_tiles(p.m, e, d, f, 0 if dequantizes_first(p.m, e) else bits)): None for bits in BITS}
+        tuned = {(bits, choose_tiles(p.m, e, d, f, 0 if bits in (8, 4) and dequantizes_first(p.m, e) else bits)): None
+                 for bits in BITS}
         keys = dict(tuned)
         if args.sweep:
-            keys.update({(bits, t): None for bits in BITS for t in sweep_candidates(per_expert, bits)})
+            swept = [b for b in BITS if args.sweep_weights is None or LABEL[b] in args.sweep_weights]
+            keys.update({(bits, t): None for bits in swept for t in sweep_candidates(per_expert, bits)})
         times = time_gate_up(p, keys)
         row = dict(name=name, m=p.m)
         for bits in BITS:
@@ -375,7 +443,7 @@ def main(argv=None) -> int:
         roofs, active = rooflines(p)
         sorted_rows = sorted_by_expert(p)
         row.update(active=active, roof={LABEL[b]: v for b, v in roofs.items()},
-                   torch=torch_grouped_mm_us(p, sorted_rows))
+                   torch=torch_grouped_mm_us(p, sorted_rows), torch_fp8=torch_scaled_grouped_mm_us(p, sorted_rows))
         if not args.no_layer:
             row.update(peers_and_layers(p, sorted_rows))
         results.append(row)
@@ -384,27 +452,30 @@ def main(argv=None) -> int:
         del p
     routing = bench_routing(rng, sweep=args.sweep)
 
-    head = (f"{'shape':<21}{'M':>6}{'experts':>8}{'bf16':>9}{'int8':>9}{'int4':>9}{'ragged':>9}{'torch':>9}"
-            f"{'roof16':>9}{'roof8':>9}{'roof4':>9}{'bf16/roof':>10}{'torch/bf16':>11}{'int8/bf16':>10}"
-            f"{'int4/bf16':>10}")
+    head = (f"{'shape':<21}{'M':>6}{'experts':>8}{'bf16':>9}{'int8':>9}{'int4':>9}{'fp8':>9}{'ragged':>9}"
+            f"{'torch':>9}{'torch8':>9}{'roof16':>9}{'roof8':>9}{'roof4':>9}{'rooffp8':>9}{'bf16/roof':>10}"
+            f"{'torch/bf16':>11}{'int8/bf16':>10}{'int4/bf16':>10}{'fp8/bf16':>10}{'fp8/roof':>10}")
     lines = ["", "x @ W_gate_up, microseconds (moejax: fused gate/up + silu, tiles from the tuned table)", head,
              "-" * len(head)]
     for r in results:
         ratio = lambda a, b: f"{a / b:>10.2f}" if isinstance(a, float) and isinstance(b, float) else f"{'-':>10}"  # noqa: E731
         lines.append(f"{r['name']:<21}{r['m']:>6}{r['active']:>8}{_fmt(r['bf16'])}{_fmt(r['int8'])}{_fmt(r['int4'])}"
-                     f"{_fmt(r.get('ragged'))}{_fmt(r['torch'])}{_fmt(r['roof']['bf16'])}{_fmt(r['roof']['int8'])}"
-                     f"{_fmt(r['roof']['int4'])}{ratio(r['bf16'], r['roof']['bf16'])}"
-                     f" {ratio(r['torch'], r['bf16'])}{ratio(r['int8'], r['bf16'])}{ratio(r['int4'], r['bf16'])}")
+                     f"{_fmt(r['fp8'])}{_fmt(r.get('ragged'))}{_fmt(r['torch'])}{_fmt(r['torch_fp8'])}"
+                     f"{_fmt(r['roof']['bf16'])}{_fmt(r['roof']['int8'])}{_fmt(r['roof']['int4'])}"
+                     f"{_fmt(r['roof']['fp8'])}{ratio(r['bf16'], r['roof']['bf16'])}"
+                     f" {ratio(r['torch'], r['bf16'])}{ratio(r['int8'], r['bf16'])}{ratio(r['int4'], r['bf16'])}"
+                     f"{ratio(r['fp8'], r['bf16'])}{ratio(r['fp8'], r['roof']['fp8'])}")
     if not args.no_layer:
-        head2 = (f"{'shape':<21}{'layer bf16':>11}{'layer int8':>11}{'layer int4':>11}{'reference':>11}"
-                 f"{'err bf16':>10}{'err int8':>10}{'err int4':>10}")
+        head2 = (f"{'shape':<21}{'layer bf16':>11}{'layer int8':>11}{'layer int4':>11}{'layer fp8':>11}"
+                 f"{'reference':>11}{'err bf16':>10}{'err int8':>10}{'err int4':>10}{'err fp8':>10}")
         lines += ["", "whole expert layer (align, gather, both kernels, combine), microseconds; errors vs the "
                   "reference "
                   "on the same weights", head2, "-" * len(head2)]
         for r in results:
             lines.append(f"{r['name']:<21}{_fmt(r.get('layer bf16'), 11)}{_fmt(r.get('layer int8'), 11)}"
-                         f"{_fmt(r.get('layer int4'), 11)}{_fmt(r.get('ref layer'), 11)}"
-                         + "".join(f"{r.get(f'layer {b} err', float('nan')):>10.1e}" for b in ("bf16", "int8", "int4")))
+                         f"{_fmt(r.get('layer int4'), 11)}{_fmt(r.get('layer fp8'), 11)}{_fmt(r.get('ref layer'), 11)}"
+                         + "".join(f"{r.get(f'layer {b} err', float('nan')):>10.1e}"
+                                   for b in ("bf16", "int8", "int4", "fp8")))
     ours = routing.get((4, 2))
     best = min((v, k) for k, v in routing.items() if k != "reference")
     lines.append(f"\nrouting T={ROUTING_TOKENS} E=256 groups 8/4 top-8 sigmoid+bias: "
@@ -414,7 +485,7 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(results=results, routing={str(k): v for k, v in routing.items()},
+            json.dump(dict(rates=RATES, results=results, routing={str(k): v for k, v in routing.items()},
                            sweeps={" ".join(k): v for k, v in sweeps.items()}), fh, indent=1)
     return 0
 

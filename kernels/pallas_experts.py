@@ -3,15 +3,18 @@
 Assignments are sorted by expert and padded into blocks of `block_m` rows (`align_rows`), so each block belongs
 to one expert. Kernel 1 computes silu(x @ W_gate) * (x @ W_up) for a block and a column tile (both matmuls share
 the x tile; the activation never leaves registers); kernel 2 computes h @ W_down. Blocks past the used ones exit
-at once. Weights are bf16/f32, int8 (per-channel scales applied after the K loop) or int4 (two codes a byte along
+at once. Weights are bf16/f32, int8 (per-channel scales applied after the K loop), int4 (two codes a byte along
 K: the even and odd halves of x meet the low and high nibbles; zero point and group scale applied per K step
-after the dot). XLA gathers the rows before and gathers each token's k weighted results after (no scatter).
+after the dot) or block-scaled fp8: W8A16 (the e4m3 tile widened to x's dtype; decode) or W8A8 (x quantized to
+e4m3 per row and 128-channel block, e4m3 x e4m3 on the FP8 tensor cores; prefill), both scales applied per K
+step. XLA gathers the rows before and gathers each token's k weighted results after (no scatter).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,7 @@ from jax.experimental import pallas as pl
 from moejax.kernels.align import align_each, align_rows, groups_rows
 from moejax.kernels.experts import Activation, ExpertWeights
 from moejax.kernels.layer_weight import LayerWeight, unstacked
-from moejax.kernels.quant import QuantizedWeight, dequantize
+from moejax.kernels.quant import QuantizedWeight, dequantize, quantize_rows_fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,9 @@ TUNED: dict[tuple[float, int], Tiles] = {
     (8, 0): Tiles(16, 128, 64, 4, 3), (8, 8): Tiles(16, 256, 64, 4, 3), (8, 4): Tiles(16, 256, 64, 8, 3, 2),
     (32, 0): Tiles(32, 128, 128, 4, 3), (32, 8): Tiles(32, 128, 64, 4, 4), (32, 4): Tiles(16, 128, 64, 4, 3),
     (512, 0): Tiles(64, 256, 64, 8, 3), (float("inf"), 0): Tiles(128, 128, 64, 8, 3),
+    # fp8 (not yet tuned; column tiles stop at the 128-wide scale block): W8A16 for few rows, W8A8 past 32
+    (1, "fp8"): Tiles(16, 64, 128, 4, 3), (8, "fp8"): Tiles(16, 128, 128, 4, 3),
+    (32, "fp8"): Tiles(32, 128, 128, 4, 3), (float("inf"), "fp8"): Tiles(128, 128, 128, 8, 3),
 }
 # Past this many rows per expert, quantized weights are dequantized once per layer and the bf16 kernel runs:
 # the in-register dequantization is paid once per row block, and with many blocks per expert it costs more
@@ -71,8 +77,18 @@ def _bf16_codes_plus_128(packed):
             jax.lax.bitcast_convert_type(((wide >> 4) & 0xF) | 0x4300, jnp.bfloat16))
 
 
-def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, x_sum, group_size):
-    """Partial product of one K step for one weight (plain, int8 or int4); x_sum: `_int4_x_sum` of xs."""
+def _weight_step(refs, bits, e, k0, block_k, n0, block_n, xs, x_sum, group_size, scale_n=0):
+    """Partial product of one K step for one weight (plain, int8, int4 or fp8); x_sum: `_int4_x_sum` of xs.
+    fp8: the K step and column tile lie in one scale block (group_size x scale_n); xs is (x,) for W8A16 or
+    (e4m3 x, its [rows, 1] scale) for W8A8."""
+    if bits == "fp8":
+        w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
+        w_scale = refs[1][e, pl.ds(k0 // group_size, 1), pl.ds(n0 // scale_n, 1)].astype(jnp.float32)
+        if len(xs) == 2:
+            part = jnp.dot(xs[0], w, preferred_element_type=jnp.float32) * xs[1]
+        else:
+            part = jnp.dot(xs[0], w.astype(xs[0].dtype), preferred_element_type=jnp.float32)
+        return part * w_scale
     if bits in (0, 8):  # int8 values are exact in bf16; their per-channel scale is applied after the K loop
         w = refs[0][e, pl.ds(k0, block_k), pl.ds(n0, block_n)]
         return jnp.dot(xs[0], w.astype(xs[0].dtype), preferred_element_type=jnp.float32)
@@ -112,12 +128,13 @@ def _finish(acc, refs, bits, e, n0, block_n):
     return acc
 
 
-def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tiles, k_dim, group_size, fuse):
-    """refs: x (or x_even, x_odd for int4), weight refs..., outputs (one, or one float32 partial
-    per weight when K is split)."""
+def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tiles, k_dim, group_size, fuse,
+                   scale_n=0, fp8_x=False):
+    """refs: x (or x_even, x_odd for int4; x_e4m3, x_scales for W8A8), weight refs..., outputs (one, or one
+    float32 partial per weight when K is split)."""
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = block_expert_ref[i]
-    n_x = 2 if bits == 4 else 1
+    n_x = 2 if bits == 4 or fp8_x else 1
     x_refs = refs[:n_x]
     weight_refs = [refs[n_x + w * n_refs : n_x + (w + 1) * n_refs] for w in range(n_weights)]
     out_refs = refs[n_x + n_weights * n_refs:]
@@ -134,9 +151,11 @@ def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tile
             if bits == 4:  # one x sum per K step, shared by every weight
                 xs = (x_refs[0][rows, pl.ds(k0 // 2, bk // 2)], x_refs[1][rows, pl.ds(k0 // 2, bk // 2)])
                 x_sum = _int4_x_sum(xs)
+            elif fp8_x:  # e4m3 rows and their scale for this K step's block
+                xs, x_sum = (x_refs[0][rows, pl.ds(k0, bk)], x_refs[1][rows, pl.ds(k0 // group_size, 1)]), None
             else:
                 xs, x_sum = (x_refs[0][rows, pl.ds(k0, bk)],), None
-            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, x_sum, group_size)
+            return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, x_sum, group_size, scale_n)
                          for acc, wr in zip(accs, weight_refs))
 
         init = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_weights))
@@ -150,36 +169,47 @@ def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tile
             out_refs[0][...] = out.astype(out_refs[0].dtype)
 
 
-def _bits(w) -> int:
-    w = w.stacked if isinstance(w, LayerWeight) else w
-    return w.bits if isinstance(w, QuantizedWeight) else 0
+def _kind_code(w):
+    """0 (plain), 8 (int8), 4 (int4) or "fp8": the weight type the kernels and the tile table key on."""
+    if isinstance(w, QuantizedWeight):
+        return "fp8" if w.kind == "fp8" else w.bits
+    return 0
+
+
+def _bits(w):
+    return _kind_code(w.stacked if isinstance(w, LayerWeight) else w)
 
 
 def _weight_refs(w) -> tuple[int, list]:
     if isinstance(w, QuantizedWeight):
         arrays = [w.values, w.scales] + ([w.zeros] if w.zeros is not None else [])
-        return w.bits, arrays
+        return _kind_code(w), arrays
     return 0, [w]
 
 
 def grouped_matmul(x_rows, block_expert, weights: list, tiles: Tiles, *, fuse: bool, out_dtype,
-                   interpret: bool = False):
+                   interpret: bool = False, fp8_x: bool = False):
     """Rows [M_pad, K] (each block of block_m rows owned by block_expert[b], -1: skipped) @ W[e] for each
-    weight in `weights` ([E, K, N], plain or quantized alike); fuse: silu(first) * second."""
+    weight in `weights` ([E, K, N], plain or quantized alike); fuse: silu(first) * second. fp8_x (fp8
+    weights): quantize the rows to e4m3 per row and K block and multiply on the FP8 tensor cores (W8A8)."""
     bits, _ = _weight_refs(weights[0])
     flat = []
-    group_size = 0
+    group_size = scale_n = 0
     for w in weights:
         b, arrays = _weight_refs(w)
         if b != bits:
             raise ValueError("grouped_matmul: all weights must share one quantization")
         flat += arrays
         if isinstance(w, QuantizedWeight):
-            group_size = w.group_size
+            group_size, scale_n = w.group_size, w.block_n
     k_dim, n_dim = weights[0].shape[-2], weights[0].shape[-1]
     m_pad = x_rows.shape[0]
+    fp8_x = fp8_x and bits == "fp8"
     if bits == 4:  # a K step may not straddle two quantization groups
         tiles = dataclasses.replace(tiles, block_k=min(tiles.block_k, group_size))
+    if bits == "fp8":  # nor two scale blocks, nor may a column tile
+        tiles = dataclasses.replace(tiles, block_k=min(tiles.block_k, group_size),
+                                    block_n=min(tiles.block_n, scale_n))
     tiles = dataclasses.replace(tiles, block_k=_divisor(k_dim, tiles.block_k), block_n=_divisor(n_dim, tiles.block_n))
     split = tiles.split_k
     while (k_dim // tiles.block_k) % split:
@@ -187,11 +217,13 @@ def grouped_matmul(x_rows, block_expert, weights: list, tiles: Tiles, *, fuse: b
     tiles = dataclasses.replace(tiles, split_k=max(split, 1))
     if bits == 4:
         inputs = [x_rows[:, 0::2], x_rows[:, 1::2]]
+    elif fp8_x:
+        inputs = list(quantize_rows_fp8(x_rows, min(group_size, k_dim)))  # K under one block: one scale
     else:
         inputs = [x_rows]
     n_refs = len(flat) // len(weights)
     kernel = functools.partial(_matmul_kernel, n_weights=len(weights), bits=bits, n_refs=n_refs, tiles=tiles,
-                               k_dim=k_dim, group_size=group_size, fuse=fuse)
+                               k_dim=k_dim, group_size=group_size, fuse=fuse, scale_n=scale_n, fp8_x=fp8_x)
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
@@ -235,19 +267,41 @@ def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
     if len(bits) != 1:
         return False
     f = params.w_gate.shape[-1]
+    if bits == {"fp8"}:  # whole scale blocks of at least 16 (the tile floor) that tile both dims
+        w = params.w_gate.stacked if isinstance(params.w_gate, LayerWeight) else params.w_gate
+        bk, bn = w.group_size, w.block_n
+        if min(bk, bn) < 16 or bk != bn or d % bk or f % bk:
+            return False
     return d % 16 == 0 and f % 16 == 0
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret", "tiles", "down_tiles"))
+# fp8 experts run W8A8 past this many rows per expert (MOEJAX_FP8_W8A8_ABOVE; -1: always, inf: never).
+W8A8_ABOVE = float(os.environ.get("MOEJAX_FP8_W8A8_ABOVE", DEQUANTIZE_ABOVE))
+
+
+def fp8_activations(rows: int, num_experts: int, dtype) -> bool:
+    """Whether fp8 experts run W8A8 (activations quantized to e4m3: the FP8 tensor cores, twice bf16's rate,
+    and no widening of the weights) for this much routing, rather than W8A16. float32 models keep their
+    activations (W8A16)."""
+    return rows / max(num_experts, 1) > W8A8_ABOVE and jnp.dtype(dtype) != jnp.float32
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "tiles", "down_tiles", "fp8_x"))
 def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: Activation = Activation(), *,
-                   interpret: bool = False, tiles: Tiles | None = None, down_tiles: Tiles | None = None):
+                   interpret: bool = False, tiles: Tiles | None = None, down_tiles: Tiles | None = None,
+                   fp8_x: bool | None = None):
     """Same contract as `experts_reference`. The weights may be `LayerWeight`s (one layer of experts stacked
-    over layers): the kernels then read that layer's experts in place, as experts layer * E + e of the stack."""
+    over layers): the kernels then read that layer's experts in place, as experts layer * E + e of the stack.
+    fp8_x (fp8 weights): W8A8 (True) or W8A16 (False); None chooses by `fp8_activations`."""
     num_tokens, top_k = ids_TK.shape
     num_experts = params.w_gate.shape[0]
     d, f = x_TD.shape[-1], params.w_gate.shape[-1]
     weights = (params.w_gate, params.w_up, params.w_down)
-    if dequantizes_first(num_tokens * top_k, num_experts) and _bits(params.w_gate):
+    if fp8_x is None:
+        fp8_x = fp8_activations(num_tokens * top_k, num_experts, x_TD.dtype)
+    if _bits(params.w_gate) == "fp8":
+        pass  # fp8 is never widened first: W8A8 covers the compute-bound case
+    elif dequantizes_first(num_tokens * top_k, num_experts) and _bits(params.w_gate):
         weights = tuple(dequantize(unstacked(w), x_TD.dtype) for w in weights)
     first_expert = None  # where this layer's experts start in a stack of layers
     if isinstance(weights[0], LayerWeight):
@@ -267,9 +321,9 @@ def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: 
     # [rows, embed]: padding rows repeat the last token; they are computed and never read.
     x_RD = x_TD[jnp.minimum(sorted_ids // top_k, num_tokens - 1)]
     h_RF = grouped_matmul(x_RD, block_expert, [params.w_gate, params.w_up], tiles, fuse=True,
-                          out_dtype=x_TD.dtype, interpret=interpret)
+                          out_dtype=x_TD.dtype, interpret=interpret, fp8_x=fp8_x)
     y_RD = grouped_matmul(h_RF, block_expert, [params.w_down], down_tiles, fuse=False, out_dtype=jnp.float32,
-                          interpret=interpret)
+                          interpret=interpret, fp8_x=fp8_x)
     # Gather each token's k rows back and weight them (rows of skipped assignments were never written).
     mine_TK = (ids_TK >= 0) & (ids_TK < num_experts)
     y_TKD = y_RD[jnp.minimum(row_of_assignment, num_rows - 1)].reshape(num_tokens, top_k, d)

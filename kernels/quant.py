@@ -134,6 +134,17 @@ def fp8_weight(values, scales, block: tuple[int, int], compute_dtype) -> Quantiz
                            compute_dtype=jnp.dtype(compute_dtype).name)
 
 
+def quantize_rows_fp8(x, block_k: int):
+    """Activations [M, K] -> (e4m3 [M, K], float32 scales [M, K // block_k]): one scale per row and K block
+    (DeepSeek-V3's per-token, per-128-channel recipe), each mapping its block's largest magnitude to 448."""
+    m, k = x.shape
+    blocks = x.astype(jnp.float32).reshape(m, k // block_k, block_k)
+    scale = jnp.max(jnp.abs(blocks), axis=-1) / FP8_MAX
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(blocks / scale[..., None], -FP8_MAX, FP8_MAX).astype(FP8).reshape(m, k)
+    return q, scale
+
+
 def fp8_block(config) -> tuple[int, int]:
     """(block_k, block_n) of a model's fp8 weights in moejax's input-major layout: the checkpoint's
     weight_block_size is (out, in)."""

@@ -30,7 +30,8 @@ def _placement(llm) -> tuple[int, int, int]:
     return device, host, misplaced
 
 
-@pytest.mark.parametrize("family, quantization", [("qwen3_moe", None), ("deepseek", None), ("mixtral", "int4")])
+@pytest.mark.parametrize("family, quantization", [("qwen3_moe", None), ("deepseek", None), ("mixtral", "int4"),
+                                                  ("deepseek", "fp8")])
 def test_offloaded_experts_give_the_same_logits_and_tokens(hf_model_dir, tmp_path, monkeypatch, family,
                                                           quantization):
     from moejax.kernels import host_experts

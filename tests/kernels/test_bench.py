@@ -14,8 +14,12 @@ def test_bench_prints_table_and_json(tmp_path, monkeypatch, capsys):
     assert "tiny decode" in text and "tiny prefill" in text and "routing T=32" in text
     data = json.loads(out.read_text())
     for row in data["results"]:
-        for label in ("bf16", "int8", "int4", "layer bf16", "ref layer", "ragged"):
+        for label in ("bf16", "int8", "int4", "fp8", "layer bf16", "layer fp8", "ref layer", "ragged"):
             assert isinstance(row[label], float) and row[label] > 0, (row["name"], label, row[label])
         for label in ("bf16", "int8", "int4"):
             assert row[f"layer {label} err"] < 3e-2
+        # fp8: W8A16 at decode (bf16's error), W8A8 at prefill (e4m3 activations: a few percent)
+        assert row["layer fp8 err"] < (3e-2 if row["name"] == "tiny decode" else 8e-2)
+        assert set(row["roof"]) == {"bf16", "int8", "int4", "fp8"}
+    assert set(data["rates"]) == {"hbm", "bf16", "fp8"}
     assert data["routing"]["reference"] > 0 and data["routing"]["(4, 2)"] > 0
