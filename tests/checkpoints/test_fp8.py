@@ -4,6 +4,7 @@ import json
 import os
 
 import ml_dtypes
+import pytest
 import numpy as np
 
 from moejax import LLM
@@ -174,3 +175,25 @@ def test_convert_keeps_an_fp8_checkpoint_in_fp8(tmp_path):
     assert any(isinstance(w, QuantizedWeight) and w.kind == "fp8" for w in weights)
     ids = list(range(3, 40))
     np.testing.assert_array_equal(converted.logits(ids), direct.logits(ids))
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2, expert_parallel_size=2),
+                                    dict(tensor_parallel_size=4, enable_expert_parallel=True),
+                                    dict(expert_parallel_size=8)])
+def test_fp8_weights_split_over_devices_give_the_one_device_logits(tmp_path, layout):
+    """e4m3 values and their block scales are split alike (whole blocks per device), so every layout of the
+    FP8 model computes what one device computes, and holds the planner's bytes."""
+    import collections
+
+    import jax
+
+    fp8_dir, _ = _fp8_deepseek(tmp_path, (16, 16))
+    ids = list(range(3, 30))
+    one = LLM(fp8_dir, dtype="float32", quantization="fp8")
+    split = LLM(fp8_dir, dtype="float32", quantization="fp8", **layout)
+    np.testing.assert_allclose(split.logits(ids), one.logits(ids), rtol=1e-4, atol=1e-4)
+    per_device = collections.Counter()
+    for leaf in jax.tree.leaves(split.runner.state):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    assert max(per_device.values()) == split.memory_plan.weight_bytes_per_device
