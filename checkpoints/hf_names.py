@@ -106,9 +106,25 @@ class FP8Tensor:
 def _fp8_kept(source: Source, block) -> Source:
     """The layout transform applied to the e4m3 values and, alike, to their scale grid. HF blocks are
     (out, in); every layout transform moves the [out, in] axes to [in, out], so the block swaps too."""
+    import ml_dtypes
+
+    from moejax.checkpoints.safetensors import CheckpointError
+
     n = len(source.names)
 
     def assemble(arrays):
+        for name, values, scales in zip(source.names, arrays[:n], arrays[n:]):
+            grid = tuple(-(-d // b) for d, b in zip(values.shape[-2:], block))
+            if values.dtype != ml_dtypes.float8_e4m3fn:
+                raise CheckpointError(f"tensor {name!r} is {values.dtype}, but it has a {name}_scale_inv: FP8 "
+                                      "block weights (quantization_config fp8) must be float8_e4m3fn")
+            if not np.issubdtype(scales.dtype, np.floating) and scales.dtype != ml_dtypes.bfloat16:
+                raise CheckpointError(f"tensor {name + '_scale_inv'!r} is {scales.dtype}; FP8 block scales must "
+                                      "be float32 or bfloat16")
+            if tuple(scales.shape) != (*values.shape[:-2], *grid):
+                raise CheckpointError(f"tensor {name + '_scale_inv'!r} has shape {list(scales.shape)}; weight "
+                                      f"{list(values.shape)} with blocks {list(block)} needs "
+                                      f"{[*values.shape[:-2], *grid]}")
         return FP8Tensor(source.assemble(list(arrays[:n])), source.assemble(list(arrays[n:])),
                          (int(block[1]), int(block[0])))
 

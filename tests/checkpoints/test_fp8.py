@@ -197,3 +197,20 @@ def test_fp8_weights_split_over_devices_give_the_one_device_logits(tmp_path, lay
         for shard in leaf.addressable_shards:
             per_device[shard.device] += shard.data.nbytes
     assert max(per_device.values()) == split.memory_plan.weight_bytes_per_device
+
+
+@pytest.mark.parametrize("fault", ["values_dtype", "scale_grid"])
+def test_a_bad_fp8_tensor_is_refused_by_name(tmp_path, fault):
+    from moejax.checkpoints.safetensors import CheckpointError
+
+    fp8_dir, _ = _fp8_deepseek(tmp_path, (16, 16))
+    reader = SafetensorsReader(fp8_dir)
+    tensors = {n: np.array(reader.get(n)) for n in reader.names()}
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    if fault == "values_dtype":
+        tensors[name] = tensors[name].astype(np.float32)
+    else:
+        tensors[name + "_scale_inv"] = tensors[name + "_scale_inv"][:1]
+    save_safetensors(os.path.join(fp8_dir, "model.safetensors"), tensors)
+    with pytest.raises(CheckpointError, match="experts.3.up_proj"):
+        LLM(fp8_dir)
