@@ -303,7 +303,7 @@ def smallest_fix(plan: MemoryPlan, config: ModelConfig, max_num_seqs: int) -> st
     if plan.kv_cache_dtype == "auto":
         candidates.append(("--kv-cache-dtype fp8", dict(kw, kv_cache_dtype="fp8"), m))
     if plan.dtype != "fp8":
-        for q in ("int8", "int4"):
+        for q in ("fp8", "int8", "int4"):  # fp8 first: int8's bytes with float scales per block
             if _QUANT_RANK[q] > _QUANT_RANK[plan.quantization]:
                 candidates.append((f"--quantization {q}", dict(kw, quantization=q), m))
     for ep in (2, 4, 8, 16, 32, 64):
