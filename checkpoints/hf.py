@@ -69,9 +69,9 @@ def load_hf_state(
                 f"the config implies {list(expected)} for {'.'.join(map(str, path))}")
         dtype = var.get_value().dtype
         if isinstance(host, FP8Tensor):
-            from moejax.kernels.quant import FP8, fp8_weight, sharding_shape
+            from moejax.kernels.quant import FP8, fp8_sharding_shape, fp8_weight
 
-            sharding = sharding_for(path, var, sharding_shape([host.values.shape, host.scales.shape]))
+            sharding = sharding_for(path, var, fp8_sharding_shape(host.values.shape, host.block))
             value = fp8_weight(_place(host.values, sharding, FP8), _place(host.scales, sharding, np.float32),
                                host.block, dtype)
         elif transform is not None:

@@ -23,6 +23,7 @@ class Source:
 
     names: tuple[str, ...]
     assemble: Callable[[list[np.ndarray]], np.ndarray]
+    row_parts: int = 1  # > 1: assemble splits each tensor's rows into this many parts (fused gate/up)
 
     def load(self, reader) -> np.ndarray:
         return self.assemble([reader.get(n) for n in self.names])
@@ -65,7 +66,7 @@ def fused_gate_up(name: str, part: int) -> Source:
         width = a[0].shape[1] // 2
         return np.swapaxes(a[0][:, part * width : (part + 1) * width, :], 1, 2)
 
-    return Source((name,), assemble)
+    return Source((name,), assemble, row_parts=2)
 
 
 def fused_down(name: str) -> Source:
@@ -81,12 +82,33 @@ def hf_source(config: ModelConfig, path: Path, names: set[str], keep_fp8: bool =
     """The Source of parameter `path`, given the tensor names present in the checkpoint. FP8 block-scaled
     tensors are dequantized to float32, or with keep_fp8 kept as an `FP8Tensor` (values and scales in moejax's
     layout)."""
+    from moejax.kernels.quant import should_quantize
+
     source = _layout_source(config, path, names)
     if config.checkpoint_quant == "fp8" and any(f"{n}_scale_inv" in names for n in source.names):
-        if keep_fp8 and all(f"{n}_scale_inv" in names for n in source.names):
+        if keep_fp8 and should_quantize(path) and all(f"{n}_scale_inv" in names for n in source.names):
             return _fp8_kept(source, config.fp8_block_size)
         return _fp8(source, names, config.fp8_block_size)
     return source
+
+
+def check_fp8_tensor(name: str, values, scales, block) -> None:
+    """An FP8 block weight as stored: e4m3 values [..., out, in] and float scales on the rounded-up grid of
+    `block` (out, in); anything else is refused naming the tensor."""
+    import ml_dtypes
+
+    from moejax.checkpoints.safetensors import CheckpointError
+
+    grid = (*values.shape[:-2], *(-(-d // b) for d, b in zip(values.shape[-2:], block)))
+    if values.dtype != ml_dtypes.float8_e4m3fn:
+        raise CheckpointError(f"tensor {name!r} is {values.dtype}, but it has a {name}_scale_inv: FP8 block "
+                              "weights (quantization_config fp8) must be float8_e4m3fn")
+    if not (np.issubdtype(scales.dtype, np.floating) or scales.dtype == ml_dtypes.bfloat16):
+        raise CheckpointError(f"tensor {name + '_scale_inv'!r} is {scales.dtype}; FP8 block scales must be "
+                              "float32 or bfloat16")
+    if tuple(scales.shape) != grid:
+        raise CheckpointError(f"tensor {name + '_scale_inv'!r} has shape {list(scales.shape)}; weight "
+                              f"{list(values.shape)} with blocks {list(block)} needs {list(grid)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,25 +128,18 @@ class FP8Tensor:
 def _fp8_kept(source: Source, block) -> Source:
     """The layout transform applied to the e4m3 values and, alike, to their scale grid. HF blocks are
     (out, in); every layout transform moves the [out, in] axes to [in, out], so the block swaps too."""
-    import ml_dtypes
-
-    from moejax.checkpoints.safetensors import CheckpointError
+    from moejax.checkpoints.quantized_formats import dequantize_fp8_block
 
     n = len(source.names)
 
     def assemble(arrays):
         for name, values, scales in zip(source.names, arrays[:n], arrays[n:]):
-            grid = tuple(-(-d // b) for d, b in zip(values.shape[-2:], block))
-            if values.dtype != ml_dtypes.float8_e4m3fn:
-                raise CheckpointError(f"tensor {name!r} is {values.dtype}, but it has a {name}_scale_inv: FP8 "
-                                      "block weights (quantization_config fp8) must be float8_e4m3fn")
-            if not np.issubdtype(scales.dtype, np.floating) and scales.dtype != ml_dtypes.bfloat16:
-                raise CheckpointError(f"tensor {name + '_scale_inv'!r} is {scales.dtype}; FP8 block scales must "
-                                      "be float32 or bfloat16")
-            if tuple(scales.shape) != (*values.shape[:-2], *grid):
-                raise CheckpointError(f"tensor {name + '_scale_inv'!r} has shape {list(scales.shape)}; weight "
-                                      f"{list(values.shape)} with blocks {list(block)} needs "
-                                      f"{[*values.shape[:-2], *grid]}")
+            check_fp8_tensor(name, values, scales, block)
+        rows = arrays[0].shape[-2]
+        if source.row_parts > 1 and (rows // source.row_parts) % block[0]:
+            # the split would cut a scale block (fused gate/up narrower than the blocks): dequantize exactly
+            # instead, and let the loader quantize on moejax's own grid
+            return source.assemble([dequantize_fp8_block(v, s, block) for v, s in zip(arrays[:n], arrays[n:])])
         return FP8Tensor(source.assemble(list(arrays[:n])), source.assemble(list(arrays[n:])),
                          (int(block[1]), int(block[0])))
 
@@ -140,8 +155,14 @@ def _fp8(source: Source, names: set[str], block) -> Source:
 
     def assemble(arrays):
         tensors, scales = list(arrays[: len(source.names)]), iter(arrays[len(source.names):])
-        tensors = [dequantize_fp8_block(t, next(scales), block) if s else t for t, s in zip(tensors, scaled)]
-        return source.assemble(tensors)
+        out = []
+        for name, t, s in zip(source.names, tensors, scaled):
+            if s:
+                scale = next(scales)
+                check_fp8_tensor(name, t, scale, block)
+                t = dequantize_fp8_block(t, scale, block)
+            out.append(t)
+        return source.assemble(out)
 
     return Source(source.names + extra, assemble)
 

@@ -135,12 +135,12 @@ def restore_state(directory: str, abstract_state, sharding_for, quantized: dict[
         if spec is None:
             target = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding_for(path, var, value.shape))
         elif spec.get("format") == "fp8":
-            from moejax.kernels.quant import FP8, fp8_weight, sharding_shape
+            from moejax.kernels.quant import FP8, fp8_sharding_shape, fp8_weight
 
             *lead, k, n = value.shape
             block = (spec["group_size"], spec["block_n"])
             shapes = [(*lead, k, n), (*lead, -(-k // block[0]), -(-n // block[1]))]
-            sharding = sharding_for(path, var, sharding_shape(shapes))
+            sharding = sharding_for(path, var, fp8_sharding_shape(shapes[0], block))
             target = fp8_weight(jax.ShapeDtypeStruct(shapes[0], FP8, sharding=sharding),
                                 jax.ShapeDtypeStruct(shapes[1], np.float32, sharding=sharding), block, value.dtype)
         else:

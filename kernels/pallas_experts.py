@@ -270,7 +270,8 @@ def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
     if bits == {"fp8"}:  # whole scale blocks of at least 16 (the tile floor) that tile both dims
         w = params.w_gate.stacked if isinstance(params.w_gate, LayerWeight) else params.w_gate
         bk, bn = w.group_size, w.block_n
-        if min(bk, bn) < 16 or bk != bn or d % bk or f % bk:
+        # square power-of-two blocks: the tiles (powers of two, clipped to the block) then never straddle two
+        if bk < 16 or bk != bn or bk & (bk - 1) or d % bk or f % bk:
             return False
     return d % 16 == 0 and f % 16 == 0
 

@@ -52,6 +52,8 @@ class QuantizedWeight:
 
     @property
     def sharding_shape(self) -> tuple[int, ...]:
+        if self.kind == "fp8":
+            return fp8_sharding_shape(self.values.shape, (self.group_size, self.block_n))
         return sharding_shape([a.shape for a in (self.values, self.scales, self.zeros) if a is not None])
 
     @property
@@ -66,6 +68,14 @@ def sharding_shape(shapes) -> tuple[int, ...]:
 
     shapes = [tuple(s) for s in shapes]
     return tuple(math.gcd(*dims) for dims in zip(*shapes))
+
+
+def fp8_sharding_shape(shape, block: tuple[int, int]) -> tuple[int, ...]:
+    """What a mesh axis must divide to split an fp8 weight [..., K, N] and its scale grid alike: the leading
+    axes as they are, K and N counted in whole blocks (dim // block), and an axis whose last block is partial
+    not at all (1): a device's slice of the values must start where its slice of the scales does."""
+    *lead, k, n = shape
+    return (*lead, *(d // b if d % b == 0 else 1 for d, b in zip((k, n), block)))
 
 
 def group_size_for(k: int, group_size: int = DEFAULT_GROUP) -> int:

@@ -84,7 +84,14 @@ def run(args) -> int:
     mesh = Mesh(args.tp, args.ep, args.dp, expert_over_tp=args.enable_expert_parallel, pp=args.pp,
                 dp_attention=args.enable_dp_attention)
     name = args.model if path != args.model else os.path.basename(os.path.normpath(path))
-    dtype, quantization = resolve_weights(config, args.dtype, args.quantization)
+    from moejax.checkpoints import orbax_store
+
+    if os.path.isdir(path) and orbax_store.is_converted(path):  # a converted checkpoint fixes both, as in LLM
+        meta = orbax_store.read_metadata(path, config)
+        dtype = meta["dtype"] if args.dtype == "auto" else args.dtype
+        quantization = args.quantization or meta.get("quantization")
+    else:
+        dtype, quantization = resolve_weights(config, args.dtype, args.quantization)
     plan_kw = dict(dtype=dtype, quantization=quantization, offload_experts=args.offload_experts,
                    offload_cache_experts=args.offload_cache_experts, device_memory_bytes=int(args.gpu_memory * GIB),
                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,

@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from moejax.config import ModelConfig
-from moejax.kernels.quant import fp8_block, sharding_shape
+from moejax.kernels.quant import fp8_block, fp8_sharding_shape, sharding_shape
 from moejax.plan.params import KINDS, ParamCounts, TensorSpec, count_params, inventory
 from moejax.sharding.rules import DATA, EXPERT, TENSOR, experts_over, logical_to_spec
 
@@ -56,8 +56,9 @@ MODEL_DTYPES = ("bfloat16", "float16", "float32")
 
 def resolve_weights(config: ModelConfig, dtype: str, quantization: str | None) -> tuple[str, str | None]:
     """(dtype, quantization) that `LLM` loads for "auto" and None: the config's dtype, and an FP8 checkpoint
-    (quantization_config fp8) stays FP8 unless float32 is asked for, which dequantizes it exactly."""
-    if config.checkpoint_quant == "fp8" and quantization is None and dtype != "float32":
+    (quantization_config fp8) stays FP8 (computing in the config's dtype). An explicit dtype with no
+    quantization dequantizes it exactly to that dtype; quantization="fp8" keeps it FP8 with any dtype."""
+    if config.checkpoint_quant == "fp8" and quantization is None and dtype == "auto":
         quantization = "fp8"
     if dtype == "auto":
         dtype = config.dtype if config.dtype in MODEL_DTYPES else "bfloat16"
@@ -99,8 +100,12 @@ def shard_factor(axes, shape, mesh: Mesh) -> int:
 def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None, mesh: Mesh,
                             fp8_block: tuple[int, int] = (128, 128)) -> int:
     arrays = stored_arrays(t, dtype, quantization, fp8_block)
-    # The stored arrays of one weight are split alike: only along axes that every one of them divides.
-    factor = shard_factor(t.axes, sharding_shape([shape for shape, _ in arrays]), mesh)
+    # The stored arrays of one weight are split alike: only along axes that every one of them divides (fp8:
+    # in whole scale blocks).
+    if t.quantizable and (dtype == "fp8" or quantization == "fp8"):
+        factor = shard_factor(t.axes, fp8_sharding_shape(t.shape, fp8_block), mesh)
+    else:
+        factor = shard_factor(t.axes, sharding_shape([shape for shape, _ in arrays]), mesh)
     total = 0
     for shape, elem in arrays:
         n = 1

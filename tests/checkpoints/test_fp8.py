@@ -124,8 +124,9 @@ def test_fp8_deepseek_checkpoint_stays_fp8_and_matches_its_dequantized_model(tmp
 
     from moejax.kernels.quant import QuantizedWeight, should_quantize
 
-    # 24-wide projections against 16-blocks: partial edge blocks in both directions
-    fp8_dir, f32_dir = _fp8_deepseek(tmp_path, (16, 16))
+    # blocks of 16 rows (out) x 32 columns (in), so moejax's input-major blocks are (32, 16); 24-wide
+    # projections and 16-wide latents leave partial edge blocks in both directions
+    fp8_dir, f32_dir = _fp8_deepseek(tmp_path, (16, 32))
     ref = LLM(f32_dir, dtype="float32")
     ids = list(range(3, 40))
     want = ref.logits(ids)
@@ -137,16 +138,17 @@ def test_fp8_deepseek_checkpoint_stays_fp8_and_matches_its_dequantized_model(tmp
         value = var.get_value()
         if isinstance(value, QuantizedWeight):
             assert value.kind == "fp8" and value.values.dtype == ml_dtypes.float8_e4m3fn, path
-            assert value.scales.dtype == np.float32 and (value.group_size, value.block_n) == (16, 16)
+            assert value.scales.dtype == np.float32 and (value.group_size, value.block_n) == (32, 16)
             kinds[path[-1]] += 1
         else:
             assert not should_quantize(path), f"{path} was not kept in fp8"
     assert kinds["w_gate"] and kinds["kernel"], kinds
     np.testing.assert_allclose(fp8.logits(ids), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
-    # with bfloat16 activations the weights stay fp8 too (as with dtype="auto" on a bf16 checkpoint); bf16's
-    # 8 mantissa bits over 4 layers bound the error
-    auto = LLM(fp8_dir, dtype="bfloat16")
+    # dtype="auto" keeps FP8 (computing in the config's dtype); an explicit dtype dequantizes
+    assert LLM(fp8_dir).quantization == "fp8" and LLM(fp8_dir, dtype="bfloat16").quantization is None
+    # fp8 weights with bfloat16 activations: bf16's 8 mantissa bits over 4 layers bound the error
+    auto = LLM(fp8_dir, dtype="bfloat16", quantization="fp8")
     assert auto.quantization == "fp8"
     got = auto.logits(ids)
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
@@ -214,3 +216,51 @@ def test_a_bad_fp8_tensor_is_refused_by_name(tmp_path, fault):
     save_safetensors(os.path.join(fp8_dir, "model.safetensors"), tensors)
     with pytest.raises(CheckpointError, match="experts.3.up_proj"):
         LLM(fp8_dir)
+
+
+@pytest.mark.parametrize("block, kept", [((16, 32), True), ((24, 32), False)])
+def test_fused_gate_up_fp8_checkpoint(hf_model_dir, tmp_path, block, kept):
+    """transformers 5's fused gate_up_proj [E, 2I, H] in FP8: kept as e4m3 when the gate/up split falls on a
+    block boundary (I = 32, 16-row blocks); otherwise (24-row blocks) dequantized exactly and quantized again on
+    moejax's grid, so a block is never cut in two."""
+    from moejax.kernels.quant import QuantizedWeight
+
+    global BLOCK
+    src = hf_model_dir("qwen3_moe", fused=True)
+    reader = SafetensorsReader(src)
+    tensors, exact = {}, {}
+    saved, BLOCK = BLOCK, block
+    try:
+        for name in reader.names():
+            w = np.array(reader.get(name))
+            if name.endswith(("_proj.weight", "gate_up_proj", "down_proj")) and w.ndim in (2, 3):
+                pairs = [quantize_fp8(m, np.float32) for m in (w if w.ndim == 3 else w[None])]
+                q, sc = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+                q, sc = (q, sc) if w.ndim == 3 else (q[0], sc[0])
+                tensors[name], tensors[name + "_scale_inv"] = q, sc
+                exact[name] = np.stack([own_dequant(a, b) for a, b in zip(*(
+                    (q, sc) if w.ndim == 3 else (q[None], sc[None])))]).reshape(w.shape)
+            else:
+                tensors[name] = exact[name] = w
+    finally:
+        BLOCK = saved
+    config = json.load(open(os.path.join(src, "config.json")))
+    dirs = {}
+    for tag, ts, quant in (("f32", exact, None), ("fp8", tensors, block)):
+        d = tmp_path / tag
+        d.mkdir()
+        cfg = dict(config)
+        if quant:
+            cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(quant)}
+        json.dump(cfg, open(d / "config.json", "w"))
+        save_safetensors(str(d / "model.safetensors"), ts)
+        dirs[tag] = str(d)
+    assert any(n.endswith("gate_up_proj_scale_inv") for n in tensors)
+    llm = LLM(dirs["fp8"], dtype="float32", quantization="fp8")
+    experts = [v.get_value() for p, v in flat_params(llm.runner.state) if p[-1] == "w_up"]
+    assert experts and all(isinstance(w, QuantizedWeight) and w.kind == "fp8" for w in experts)
+    ids = list(range(3, 40))
+    want = LLM(dirs["f32"], dtype="float32").logits(ids)
+    err = np.abs(llm.logits(ids) - want).max() / np.abs(want).max()
+    # kept: the dequantized weights exactly; requantized: a second e4m3 rounding (2^-4 relative) of the experts
+    assert err < (1e-5 if kept else 5e-2), err

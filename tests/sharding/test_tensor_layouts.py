@@ -94,3 +94,34 @@ def test_planner_enable_expert_parallel_cases():
     mixtral = ModelConfig.from_file(path_of("mixtral-8x7b"))  # 32 heads, 8 experts
     with pytest.raises(ValueError, match="tensor_parallel_size=16 does not divide num_experts=8"):
         plan_memory(mixtral, mesh=Mesh(16, expert_over_tp=True), max_model_len=4096)
+
+
+@pytest.mark.parametrize("tp, ep", [(2, 1), (2, 2)])
+def test_fp8_experts_with_a_partial_last_block_keep_their_scales_on_every_rank(tp, ep):
+    """An fp8 expert width of 24 in 16-wide blocks ends in a half block: the width is not split (a device's
+    values would start mid-block of its scales), only whole blocks are; the expert kernels inside shard_map
+    then give the one-device result."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.kernels import Activation, ExpertWeights, experts_reference, grouped_topk
+    from moejax.kernels.quant import fp8_sharding_shape, quantize_fp8
+    from moejax.sharding.expert_parallel import EXPERT_AXES, moe_experts
+    from moejax.sharding.mesh import make_mesh, sharding_for_axes
+
+    assert fp8_sharding_shape((4, 64, 24), (16, 16)) == (4, 4, 1)
+    assert fp8_sharding_shape((4, 24, 64), (16, 16)) == (4, 1, 4)
+    rng = np.random.default_rng()
+    e, d, f = 4, 64, 24
+    x = jnp.asarray(rng.standard_normal((6, d)), jnp.float32)
+    w, ids = grouped_topk(jnp.asarray(rng.standard_normal((6, e)), jnp.float32), 2)
+    fp8 = ExpertWeights(*(quantize_fp8(rng.standard_normal(s).astype(np.float32) * 0.1, (16, 16))
+                          for s in ((e, d, f), (e, d, f), (e, f, d))))
+    want = np.asarray(experts_reference(x, w, ids, fp8))
+    mesh = make_mesh(tp, ep)
+    placed = ExpertWeights(*(jax.tree.map(
+        lambda a, n=n: jax.device_put(a, sharding_for_axes(mesh, EXPERT_AXES[n], getattr(fp8, n).sharding_shape)),
+        getattr(fp8, n)) for n in ("w_gate", "w_up", "w_down")))
+    with jax.set_mesh(mesh):
+        got = np.asarray(jax.jit(lambda x, w, i, p: moe_experts(x, w, i, p, Activation()))(x, w, ids, placed))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
