@@ -212,8 +212,12 @@ def test_deepseek_r1_fits_8_h200_as_its_fp8_checkpoint_and_the_engine_allocates_
                                                                           **h200).weight_bytes_per_device
 
     raw = json.loads((CONFIGS / "deepseek-r1" / "config.json").read_text())
-    raw["num_hidden_layers"] = 1
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    llm = LLM(str(tmp_path), load_format="dummy", tensor_parallel_size=8, max_model_len=64, max_num_seqs=2)
-    assert llm.quantization == "fp8"
-    assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
+    # the first (dense) layer; then one MoE layer with 16 of the 256 experts (their full size: 0.7 GB of e4m3);
+    # a 1,024-token vocabulary (the bf16 embeddings and lm_head are not what is checked here)
+    raw["vocab_size"] = 1024
+    for cut in (dict(num_hidden_layers=1), dict(num_hidden_layers=1, first_k_dense_replace=0, n_routed_experts=16)):
+        (tmp_path / "config.json").write_text(json.dumps(dict(raw, **cut)))
+        llm = LLM(str(tmp_path), load_format="dummy", tensor_parallel_size=8, max_model_len=64, max_num_seqs=2)
+        assert llm.quantization == "fp8"
+        assert llm.memory_plan.weight_bytes_per_device == allocated_bytes_per_device(llm.runner.state)
+        del llm
