@@ -78,6 +78,14 @@ def test_bounds_follow_the_inventory():
     assert d["bytes"] == pytest.approx(c.weight_bytes(2) + 2 * config.num_layers * 100 * c.kv_bytes_per_layer_token)
     p = B.prefill_roofline(c, RATES, 64)
     assert p["compute_ms"] == pytest.approx(c.prefill_flops(64) / RATES["matmul_flops_per_s"] * 1e3)
+    # --quantization: the weights' stored bytes, as the planner counts them (fp8: a byte a weight plus
+    # float32 block scales); the KV cache keeps the model's dtype
+    from moejax.plan.memory import plan_memory
+
+    f = B.model_costs(config, quantization="fp8")
+    assert c.routed_bytes / 2 < f.routed_bytes < c.routed_bytes / 2 * 1.01
+    assert f.kv_bytes_per_layer_token == c.kv_bytes_per_layer_token
+    assert f.routed_bytes == plan_memory(config, quantization="fp8").weight_bytes_by_kind["routed_experts"]
     requests = [(32, 9), (16, 1), (64, 5), (20, 3)]
     t = B.throughput_bound(c, RATES, requests, concurrency=2)
     assert t["output_tokens"] == 18 and t["total_tokens"] == 18 + 132

@@ -8,6 +8,7 @@ device: the parent process computes them from the config and the rates the moeja
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -76,13 +77,17 @@ def _causal_keys(start: int, count: int, window: int | None) -> float:
     return upto(start + count) - upto(start)
 
 
-def model_costs(config: ModelConfig, dtype: str = "bfloat16") -> ModelCosts:
+def model_costs(config: ModelConfig, dtype: str = "bfloat16", quantization: str | None = None) -> ModelCosts:
+    """quantization: the weights' stored form (int8, int4, fp8): their bytes as the planner counts them."""
+    from moejax.kernels.quant import fp8_block
+    from moejax.plan.memory import stored_arrays
+
     c = config
     elem = DTYPE_BYTES[dtype]
     dense = routed = body = 0.0
     routed_params = 0
     for t in inventory(c):
-        nbytes = t.size * (4 if t.float32 else elem)
+        nbytes = sum(math.prod(shape) * size for shape, size in stored_arrays(t, dtype, quantization, fp8_block(c)))
         if t.kind == "embeddings":
             continue  # a lookup of a few rows, not a read of the table
         if t.kind == "routed_experts":

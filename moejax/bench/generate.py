@@ -47,6 +47,8 @@ def add_arguments(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts and lengths")
     g.add_argument("--peer-requests", type=int, default=200,
                    help="throughput requests given to transformers (the first ones; moejax also runs them)")
+    g.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None,
+                   help="moejax's weights (the rooflines count their bytes; the transformers peer stays bf16)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-model-len", type=int, default=None, help="default: the longest sequence the bench makes")
     g.add_argument("--kv-cache-tokens", type=int, default=None)
@@ -187,7 +189,7 @@ def bench_generate(args) -> int:
     peer_requests = min(args.peer_requests, args.requests)
     llm_kwargs = {"max_model_len": args.max_model_len or _max_model_len(args), "max_num_seqs": args.max_num_seqs,
                   "kv_cache_tokens": args.kv_cache_tokens, "max_num_batched_tokens": args.max_num_batched_tokens,
-                  "gpu_memory_utilization": args.gpu_memory_utilization}
+                  "gpu_memory_utilization": args.gpu_memory_utilization, "quantization": args.quantization}
     results = {
         "model": {"config": os.path.abspath(args.config), "architectures": hf.get("architectures"),
                   "layers": config.num_layers, "params": counts.total, "active_params": counts.active},
@@ -309,7 +311,7 @@ def compute_bounds(config, rooflines: dict, args, workload: dict, peer_requests:
     if not all(rates.values()):
         why = [str(rooflines[k]) for k in ("error", "bandwidth_error", "matmul_error") if rooflines.get(k)]
         return {"error": "no measured rooflines: " + ("; ".join(why) or "unknown")}
-    costs = B.model_costs(config)
+    costs = B.model_costs(config, quantization=llm_kwargs.get("quantization"))
     context = args.prompt_len + args.steps / 2  # mean keys per sequence over the timed decode steps
     requests = [(len(r["prompt"]), r["max_tokens"]) for r in workload["requests"]]
     out = {
@@ -328,7 +330,8 @@ def compute_bounds(config, rooflines: dict, args, workload: dict, peer_requests:
 def header(results: dict) -> str:
     m, r = results["model"], results.get("rooflines") or {}
     lines = [f"model: {m['architectures']} with {m['layers']} layers, {m['params'] / 1e9:.2f}B parameters "
-             f"({m['active_params'] / 1e9:.2f}B active), random bf16 weights"]
+             f"({m['active_params'] / 1e9:.2f}B active), random bf16 weights"
+             + (f" (moejax: {q})" if (q := results["settings"]["llm"].get("quantization")) else "")]
     if r.get("hbm_bytes_per_s") or r.get("matmul_flops_per_s"):
         bw = f"{r['hbm_bytes_per_s'] / 1e12:.3g} TB/s ({r['copy_bytes'] / GIB:.3g} GiB copy, read + write)" \
             if r.get("hbm_bytes_per_s") else "HBM bandwidth failed"
