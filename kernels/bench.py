@@ -363,6 +363,45 @@ def rooflines(p: Problem) -> tuple[dict, int]:
     return out, active
 
 
+# Dense linears of the FP8 checkpoints (name, in, out): DeepSeek-V3's q_b_proj and o_proj, Qwen3-235B's q_proj.
+DENSE_SHAPES = [("deepseek q_b_proj", 1536, 24576), ("deepseek o_proj", 16384, 7168),
+                ("qwen3-235b q_proj", 4096, 8192)]
+DENSE_TOKENS = (1, 64, 4096)
+
+
+def bench_dense(rng, reps: int = 8) -> list[dict]:
+    """x @ W through `kernels.matmul` (what the model's linears call) for bf16 and fp8 weights: fp8 is
+    dequantized by XLA inside the step, so this is what FP8 costs the dense layers, beside the rooflines."""
+    from moejax import kernels
+
+    rows = []
+    for name, k, n in DENSE_SHAPES:
+        w = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (k, n), jnp.bfloat16) * 0.02
+        weights = {"bf16": w, "fp8": jax.jit(quantize_fp8)(w)}
+        for tokens in DENSE_TOKENS:
+            r = reps if tokens <= 256 else 2
+            xs = [jnp.asarray(rng.standard_normal((tokens, k)), jnp.bfloat16) for _ in range(r)]
+            fn = jax.jit(lambda xs, w: chained(lambda x: kernels.matmul(x, w), [(x,) for x in xs]))
+            row = {"name": name, "k": k, "n": n, "tokens": tokens}
+            ref = np.asarray(xs[0].astype(jnp.float32) @ dequantize(weights["fp8"]))
+            for label, weight in weights.items():
+                try:
+                    got = np.asarray(fn(xs, weight)[0], np.float32)
+                    if label == "fp8":
+                        row["fp8 err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+                    row[label] = _median_us(lambda weight=weight: fn(xs, weight), r)
+                except Exception as err:  # noqa: BLE001 - reported in the table, not fatal
+                    row[label] = f"{type(err).__name__}"
+            acts, flops = tokens * (k + n) * 2, 2 * tokens * k * n
+            stored = {"bf16": k * n * 2, "fp8": quantized_nbytes((k, n), "fp8", jnp.bfloat16)}
+            row["roof"] = {label: max((nbytes + acts) / RATES["hbm"], flops / RATES["bf16"]) * 1e6
+                           for label, nbytes in stored.items()}
+            rows.append(row)
+            print(f"  dense {name} x {tokens}: " + json.dumps({a: (round(v, 2) if isinstance(v, float) else v)
+                                                              for a, v in row.items() if a != "roof"}), flush=True)
+    return rows
+
+
 def bench_routing(rng, reps: int = 4, sweep: bool = False) -> dict:
     config = RoutingConfig(8, "sigmoid", True, 8, 4, 2.5)
     logits = [jnp.asarray(rng.standard_normal((ROUTING_TOKENS, 256)), jnp.float32) for _ in range(reps)]
@@ -405,6 +444,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES (default: all six)")
     ap.add_argument("--sweep", action="store_true", help="time a grid of tiles per shape and weight type first")
     ap.add_argument("--no-layer", action="store_true", help="skip the peers and whole-layer timings")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense linears (bf16 and fp8 weights)")
     ap.add_argument("--sweep-weights", nargs="*", default=None, choices=["bf16", "int8", "int4", "fp8"],
                     help="with --sweep: only these weight types (default: all)")
     ap.add_argument("--json", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"], "bench.json"))
@@ -451,6 +491,7 @@ def main(argv=None) -> int:
               + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         del p
     routing = bench_routing(rng, sweep=args.sweep)
+    dense = [] if args.no_dense else bench_dense(rng)
 
     head = (f"{'shape':<21}{'M':>6}{'experts':>8}{'bf16':>9}{'int8':>9}{'int4':>9}{'fp8':>9}{'ragged':>9}"
             f"{'torch':>9}{'torch8':>9}{'roof16':>9}{'roof8':>9}{'roof4':>9}{'rooffp8':>9}{'bf16/roof':>10}"
@@ -476,6 +517,17 @@ def main(argv=None) -> int:
                          f"{_fmt(r.get('layer int4'), 11)}{_fmt(r.get('layer fp8'), 11)}{_fmt(r.get('ref layer'), 11)}"
                          + "".join(f"{r.get(f'layer {b} err', float('nan')):>10.1e}"
                                    for b in ("bf16", "int8", "int4", "fp8")))
+    if dense:
+        head3 = (f"{'dense linear':<21}{'K':>7}{'N':>7}{'tokens':>7}{'bf16':>9}{'fp8':>9}{'fp8/bf16':>10}"
+                 f"{'roof16':>9}{'rooffp8':>9}{'err fp8':>10}")
+        lines += ["", "dense x @ W through kernels.matmul (fp8: dequantized by XLA in the step), microseconds",
+                  head3, "-" * len(head3)]
+        for r in dense:
+            ratio = f"{r['fp8'] / r['bf16']:>10.2f}" if all(isinstance(r[a], float) for a in ("bf16", "fp8")) \
+                else f"{'-':>10}"
+            lines.append(f"{r['name']:<21}{r['k']:>7}{r['n']:>7}{r['tokens']:>7}{_fmt(r['bf16'])}{_fmt(r['fp8'])}"
+                         f"{ratio}{_fmt(r['roof']['bf16'])}{_fmt(r['roof']['fp8'])}"
+                         f"{r.get('fp8 err', float('nan')):>10.1e}")
     ours = routing.get((4, 2))
     best = min((v, k) for k, v in routing.items() if k != "reference")
     lines.append(f"\nrouting T={ROUTING_TOKENS} E=256 groups 8/4 top-8 sigmoid+bias: "
@@ -485,7 +537,7 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(rates=RATES, results=results, routing={str(k): v for k, v in routing.items()},
+            json.dump(dict(rates=RATES, results=results, dense=dense, routing={str(k): v for k, v in routing.items()},
                            sweeps={" ".join(k): v for k, v in sweeps.items()}), fh, indent=1)
     return 0
 
