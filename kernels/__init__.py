@@ -101,12 +101,31 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
                      static_bounds=_static_loops())
 
 
+# fp8 dense linears: "xla" (dequantize in the step, then XLA's matmul; the default) or "pallas" (the grouped
+# expert kernel as one expert, on one device only: a custom call under a mesh would be gathered). Which is
+# faster is for `moejax bench kernels` to measure (its dense section times both).
+FP8_DENSE = os.environ.get("MOEJAX_FP8_DENSE", "xla")
+if FP8_DENSE not in ("xla", "pallas"):
+    raise ValueError(f"MOEJAX_FP8_DENSE must be 'xla' or 'pallas', got {FP8_DENSE!r}")
+
+
+def _one_device() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.axis_names or all(s == 1 for s in mesh.axis_sizes)
+
+
 def matmul(x, w):
     """x [..., K] @ w [K, N] with float32 accumulation; returns x's dtype. Accepts quantized weights."""
     import jax.numpy as jnp
 
     from moejax.kernels.quant import as_array
 
+    if FP8_DENSE == "pallas":
+        from moejax.kernels import pallas_experts
+
+        use, interpret = _pallas()
+        if use and pallas_experts.dense_supported(w) and _one_device():
+            return pallas_experts.linear_fp8(x, w, interpret=interpret)
     return jnp.matmul(x, as_array(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 

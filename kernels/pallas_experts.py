@@ -330,3 +330,29 @@ def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: 
     y_TKD = y_RD[jnp.minimum(row_of_assignment, num_rows - 1)].reshape(num_tokens, top_k, d)
     y_TKD = jnp.where(mine_TK[..., None], weights_TK[..., None].astype(jnp.float32) * y_TKD, 0.0)
     return jnp.sum(y_TKD, axis=1).astype(x_TD.dtype)
+
+
+def dense_supported(w) -> bool:
+    """Whether `linear_fp8` takes this weight: fp8 [K, N] in square power-of-two blocks that tile both dims."""
+    if not isinstance(w, QuantizedWeight) or w.kind != "fp8" or w.values.ndim != 2:
+        return False
+    b = w.group_size
+    k, n = w.values.shape
+    return b >= 16 and b == w.block_n and not b & (b - 1) and k % b == 0 and n % b == 0
+
+
+def linear_fp8(x, w: QuantizedWeight, *, interpret: bool = False, fp8_x: bool | None = None):
+    """x [..., K] @ an fp8 weight [K, N] (`dense_supported`) with the grouped kernel, as one expert that owns
+    every row block: W8A16 for few rows, W8A8 past `W8A8_ABOVE` (the `fp8_activations` rule)."""
+    *lead, k = x.shape
+    n = w.values.shape[-1]
+    x_MK = x.reshape(-1, k)
+    m = x_MK.shape[0]
+    tiles = choose_tiles(m, 1, k, n, "fp8")
+    m_pad = -(-m // tiles.block_m) * tiles.block_m
+    x_MK = jnp.pad(x_MK, ((0, m_pad - m), (0, 0)))
+    one = dataclasses.replace(w, values=w.values[None], scales=w.scales[None])
+    blocks = jnp.zeros((m_pad // tiles.block_m,), jnp.int32)
+    fp8_x = fp8_activations(m, 1, x.dtype) if fp8_x is None else fp8_x
+    y = grouped_matmul(x_MK, blocks, [one], tiles, fuse=False, out_dtype=x.dtype, interpret=interpret, fp8_x=fp8_x)
+    return y[:m].reshape(*lead, n)

@@ -221,6 +221,32 @@ def test_fp8_experts_w8a8_within_fp8_error():
     assert np.abs(w8a16 - ref).max() / np.abs(ref).max() < 1e-2  # widened weights: bf16's error only
 
 
+@pytest.mark.parametrize("tokens, dtype", [(3, jnp.float32), (40, jnp.bfloat16)])
+def test_fp8_dense_linear_through_the_grouped_kernel(monkeypatch, tokens, dtype):
+    """MOEJAX_FP8_DENSE=pallas: kernels.matmul on an fp8 weight runs the grouped kernel as one expert (W8A16 for
+    3 rows, W8A8 for 40), equal to the dequantized matmul (float32: 1e-5; W8A8: e4m3's error, as above)."""
+    from moejax.kernels import pallas_experts
+
+    rng = np.random.default_rng()
+    w = quantize_fp8(rng.standard_normal((128, 96)).astype(np.float32) * 0.1, (32, 32))
+    x = jnp.asarray(rng.standard_normal((2, tokens, 128)), dtype)
+    assert pallas_experts.dense_supported(w) and not pallas_experts.dense_supported(quantize_fp8(np.ones((96, 80)),
+                                                                                                  (32, 32)))
+    ref = np.asarray(x.astype(jnp.float32) @ dequantize(w))
+    monkeypatch.setattr(kernels, "FP8_DENSE", "pallas")
+    kernels.set_backend("pallas")
+    calls = []
+    real = pallas_experts.linear_fp8
+    monkeypatch.setattr(pallas_experts, "linear_fp8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        got = np.asarray(kernels.matmul(x, w), np.float32)
+    finally:
+        kernels.set_backend("auto")
+    assert calls and got.shape == (2, tokens, 96)
+    err = np.abs(got - ref) / np.abs(ref).max()
+    assert err.max() < (1e-5 if dtype == jnp.float32 else 6e-2), err.max()
+
+
 def test_other_ranks_ids_are_skipped():
     x, w, ids, params = _problem(10, 64, 32, 8, 2, jnp.float32)
     p = ExpertWeights(*[jnp.asarray(a) for a in params])
