@@ -48,7 +48,7 @@ KTRANSFORMERS_DEEPSEEK_V3 = {
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("bench offload")
-    g.add_argument("--offload-quantization", choices=["none", "int8", "int4"], default="int4",
+    g.add_argument("--offload-quantization", choices=["none", "int8", "int4", "fp8"], default="int4",
                    help="quantization of the weights (the routed experts offloaded are stored in it)")
     g.add_argument("--offload-batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     g.add_argument("--offload-prefill-len", type=int, default=1024, help="tokens of the prefill")
@@ -122,23 +122,26 @@ def pcie_rates(bulk_bytes: int, expert_bytes: int, top_k: int, repeats: int = 5)
     return out
 
 
-def host_compute_rates(embed: int, mlp: int, top_k: int, bits: int | None, tokens=(1, 16),
+def host_compute_rates(embed: int, mlp: int, top_k: int, bits, tokens=(1, 16),
                        repeats: int = 5) -> dict:
-    """Expert bytes per second that JAX's CPU backend reaches computing `top_k` gated experts (stored form:
-    int4/int8 with their scales, or bf16) for each token count: the rate option (a) of the host-offload design
-    (experts computed where they live, only activations crossing PCIe) would stream expert weights at."""
+    """Expert bytes per second that JAX's CPU backend reaches computing `top_k` gated experts (stored form, bits:
+    4/8 (int4/int8 with their scales), "fp8" (e4m3 with block scales) or None (bf16)) for each token count: the
+    rate option (a) of the host-offload design (experts computed where they live, only activations crossing
+    PCIe) would stream expert weights at."""
     import jax
     import jax.numpy as jnp
 
     from moejax.bench.roofline import median_seconds
     from moejax.kernels.experts import Activation, ExpertWeights, experts_reference
-    from moejax.kernels.quant import quantize
+    from moejax.kernels.quant import quantize, quantize_fp8
 
     cpu = jax.devices("cpu")[0]
     keys = jax.random.split(jax.random.key(0), 3)
     with jax.default_device(cpu):
         def weight(key, shape):
             w = (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
+            if bits == "fp8":
+                return quantize_fp8(w)
             return w if bits is None else quantize(w, bits)
 
         params = ExpertWeights(weight(keys[0], (top_k, embed, mlp)), weight(keys[1], (top_k, embed, mlp)),
@@ -356,7 +359,7 @@ def run(args) -> int:
                                         costs["top_k"])),
             ("host_compute", lambda: host_compute_rates(
                 config.hidden_size, config.moe_intermediate_size, costs["top_k"],
-                {"int4": 4, "int8": 8}.get(args.offload_quantization), tokens=(1, 16))),
+                {"int4": 4, "int8": 8, "fp8": "fp8"}.get(args.offload_quantization), tokens=(1, 16))),
             ("engine", lambda: measure_engine(model_dir, args, results)),
         ):
             _log(name)
