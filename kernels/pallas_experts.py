@@ -129,7 +129,7 @@ def _finish(acc, refs, bits, e, n0, block_n):
 
 
 def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tiles, k_dim, group_size, fuse,
-                   scale_n=0, fp8_x=False):
+                   scale_n=0, fp8_x=False, widen_f16=False):
     """refs: x (or x_even, x_odd for int4; x_e4m3, x_scales for W8A8), weight refs..., outputs (one, or one
     float32 partial per weight when K is split)."""
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -155,6 +155,8 @@ def _matmul_kernel(block_expert_ref, *refs, n_weights, bits, n_refs, tiles: Tile
                 xs, x_sum = (x_refs[0][rows, pl.ds(k0, bk)], x_refs[1][rows, pl.ds(k0 // group_size, 1)]), None
             else:
                 xs, x_sum = (x_refs[0][rows, pl.ds(k0, bk)],), None
+                if widen_f16:  # W8A16 through f16: e4m3 widens to f16 natively (x's tile is converted once)
+                    xs = (xs[0].astype(jnp.float16),)
             return tuple(acc + _weight_step(wr, bits, e, k0, bk, n0, bn, xs, x_sum, group_size, scale_n)
                          for acc, wr in zip(accs, weight_refs))
 
@@ -223,7 +225,9 @@ def grouped_matmul(x_rows, block_expert, weights: list, tiles: Tiles, *, fuse: b
         inputs = [x_rows]
     n_refs = len(flat) // len(weights)
     kernel = functools.partial(_matmul_kernel, n_weights=len(weights), bits=bits, n_refs=n_refs, tiles=tiles,
-                               k_dim=k_dim, group_size=group_size, fuse=fuse, scale_n=scale_n, fp8_x=fp8_x)
+                               k_dim=k_dim, group_size=group_size, fuse=fuse, scale_n=scale_n, fp8_x=fp8_x,
+                               widen_f16=bits == "fp8" and not fp8_x and FP8_WIDEN == "f16"
+                               and x_rows.dtype == jnp.bfloat16)
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
@@ -276,6 +280,11 @@ def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
     return d % 16 == 0 and f % 16 == 0
 
 
+# W8A16 widens e4m3 tiles to x's dtype ("bf16"), or, with MOEJAX_FP8_WIDEN=f16, bf16 activations and the tile
+# to f16 (e4m3 -> f16 is one native conversion; f16 holds activations up to 65504). To be measured on the GPU.
+FP8_WIDEN = os.environ.get("MOEJAX_FP8_WIDEN", "bf16")
+if FP8_WIDEN not in ("bf16", "f16"):
+    raise ValueError(f"MOEJAX_FP8_WIDEN must be 'bf16' or 'f16', got {FP8_WIDEN!r}")
 # fp8 experts run W8A8 past this many rows per expert (MOEJAX_FP8_W8A8_ABOVE; -1: always, inf: never).
 W8A8_ABOVE = float(os.environ.get("MOEJAX_FP8_W8A8_ABOVE", DEQUANTIZE_ABOVE))
 

@@ -181,6 +181,19 @@ def test_fp8_experts_w8a16_equal_dequantized_matmul(tokens):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_fp8_w8a16_through_f16(monkeypatch):
+    """MOEJAX_FP8_WIDEN=f16: bf16 activations and e4m3 tiles meet in f16 (3 more mantissa bits than bf16),
+    within bf16's error of the dequantized float32 model."""
+    from moejax.kernels import pallas_experts
+
+    x, w, ids, params = _problem(6, 128, 64, 8, 2, jnp.float32)
+    fp8 = ExpertWeights(*[quantize_fp8(p, (32, 32)) for p in params])
+    ref = np.asarray(experts_reference(x, w, ids, fp8))
+    monkeypatch.setattr(pallas_experts, "FP8_WIDEN", "f16")
+    got = np.asarray(experts_pallas(x.astype(jnp.bfloat16), w, ids, fp8, interpret=True, fp8_x=False), np.float32)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-2
+
+
 def test_fp8_grouped_matmul_w8a8_is_exact_on_quantized_rows():
     """W8A8: each row is quantized per 32-channel block, e4m3 x e4m3 products accumulate exactly in float32, and
     the two scales come after; equal to the float32 product of the dequantized rows and weights."""
