@@ -118,22 +118,20 @@ def convert(hf_dir: str, out_dir: str, *, dtype: str = "auto", quantization: str
                 raise CheckpointError(
                     f"{hf_dir}: tensor {source.names[0]!r} has shape {list(host.shape)}; "
                     f"the config implies {list(expected)} for {'.'.join(map(str, path))}")
-            fp8_spec = {"bits": 8, "group_size": block[0], "block_n": block[1], "zero_point": False,
-                        "format": "fp8"} if quantization == "fp8" else None
             if isinstance(host, FP8Tensor):  # kept as stored, with its own blocks
                 value = fp8_weight(np.asarray(host.values), np.asarray(host.scales, np.float32), host.block,
                                    var.get_value().dtype)
-                quantized[".".join(map(str, path))] = dict(fp8_spec, group_size=host.block[0],
-                                                           block_n=host.block[1])
             elif quantization == "fp8" and should_quantize(path):
                 value = quantize_fp8(np.asarray(host).astype(var.get_value().dtype, copy=False), block)
-                quantized[".".join(map(str, path))] = fp8_spec
             else:
                 value = np.asarray(host).astype(var.get_value().dtype, copy=False)
             if quantization in ("int8", "int4") and should_quantize(path) and \
                     not (bits == 4 and value.shape[-2] % 2):
                 value = quantize(value, bits)
                 quantized[".".join(map(str, path))] = {"bits": bits, "group_size": 128, "zero_point": False}
+            if getattr(value, "kind", None) == "fp8":
+                quantized[".".join(map(str, path))] = {"bits": 8, "group_size": value.group_size,
+                                                       "block_n": value.block_n, "zero_point": False, "format": "fp8"}
             pending[path] = value
             del host
             if bar is not None:

@@ -179,7 +179,7 @@ def _kind_code(w):
 
 
 def _bits(w):
-    return _kind_code(w.stacked if isinstance(w, LayerWeight) else w)
+    return _kind_code(unstacked_weight(w))
 
 
 def _weight_refs(w) -> tuple[int, list]:
@@ -271,13 +271,21 @@ def supported(params: ExpertWeights, activation: Activation, d: int) -> bool:
     if len(bits) != 1:
         return False
     f = params.w_gate.shape[-1]
-    if bits == {"fp8"}:  # whole scale blocks of at least 16 (the tile floor) that tile both dims
-        w = params.w_gate.stacked if isinstance(params.w_gate, LayerWeight) else params.w_gate
-        bk, bn = w.group_size, w.block_n
-        # square power-of-two blocks: the tiles (powers of two, clipped to the block) then never straddle two
-        if bk < 16 or bk != bn or bk & (bk - 1) or d % bk or f % bk:
-            return False
+    if bits == {"fp8"} and not _fp8_blocks_tile(unstacked_weight(params.w_gate), d, f):
+        return False
     return d % 16 == 0 and f % 16 == 0
+
+
+def unstacked_weight(w):
+    """The stored weight behind a LayerWeight (its stack), or w."""
+    return w.stacked if isinstance(w, LayerWeight) else w
+
+
+def _fp8_blocks_tile(w: QuantizedWeight, *dims: int) -> bool:
+    """Square power-of-two fp8 blocks of at least 16 (the tile floor) that divide every dim: the tiles (powers
+    of two, clipped to the block) then never straddle two blocks."""
+    b = w.group_size
+    return b >= 16 and b == w.block_n and not b & (b - 1) and all(d % b == 0 for d in dims)
 
 
 # W8A16 widens e4m3 tiles to x's dtype ("bf16"), or, with MOEJAX_FP8_WIDEN=f16, bf16 activations and the tile
@@ -309,9 +317,8 @@ def experts_pallas(x_TD, weights_TK, ids_TK, params: ExpertWeights, activation: 
     weights = (params.w_gate, params.w_up, params.w_down)
     if fp8_x is None:
         fp8_x = fp8_activations(num_tokens * top_k, num_experts, x_TD.dtype)
-    if _bits(params.w_gate) == "fp8":
-        pass  # fp8 is never widened first: W8A8 covers the compute-bound case
-    elif dequantizes_first(num_tokens * top_k, num_experts) and _bits(params.w_gate):
+    # int weights are widened first for prefill; fp8 never is (W8A8 covers the compute-bound case)
+    if _bits(params.w_gate) in (8, 4) and dequantizes_first(num_tokens * top_k, num_experts):
         weights = tuple(dequantize(unstacked(w), x_TD.dtype) for w in weights)
     first_expert = None  # where this layer's experts start in a stack of layers
     if isinstance(weights[0], LayerWeight):
@@ -345,9 +352,7 @@ def dense_supported(w) -> bool:
     """Whether `linear_fp8` takes this weight: fp8 [K, N] in square power-of-two blocks that tile both dims."""
     if not isinstance(w, QuantizedWeight) or w.kind != "fp8" or w.values.ndim != 2:
         return False
-    b = w.group_size
-    k, n = w.values.shape
-    return b >= 16 and b == w.block_n and not b & (b - 1) and k % b == 0 and n % b == 0
+    return _fp8_blocks_tile(w, *w.values.shape)
 
 
 def linear_fp8(x, w: QuantizedWeight, *, interpret: bool = False, fp8_x: bool | None = None):

@@ -83,23 +83,22 @@ def test_scale_grid_mismatch_names_the_shapes():
         raise AssertionError("expected a ValueError")
 
 
-def _fp8_deepseek(tmp_path, block):
-    """A tiny DeepSeek-V3 as an FP8 block checkpoint (every linear but the router and lm_head, as the Hub's
-    DeepSeek-V3 stores it) and as its exactly dequantized float32 twin."""
-    from tests.hf_models import make_deepseek
-
+def _fp8_pair(src, tmp_path, block, quantized) -> tuple[str, str, dict]:
+    """The checkpoint in `src` as an FP8 block checkpoint (tensors whose name `quantized` accepts, 2-D or stacked
+    3-D) and as its exactly dequantized float32 twin: (fp8 dir, float32 dir, the fp8 tensors)."""
     global BLOCK
-    src = make_deepseek(str(tmp_path / "src"))
     reader = SafetensorsReader(src)
     tensors, exact = {}, {}
     saved, BLOCK = BLOCK, block
     try:
         for name in reader.names():
             w = np.array(reader.get(name))
-            if name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and w.ndim == 2:
-                q, s = quantize_fp8(w, np.float32)
-                tensors[name], tensors[name + "_scale_inv"] = q, s
-                exact[name] = own_dequant(q, s)
+            if quantized(name, w):
+                mats = w if w.ndim == 3 else w[None]
+                pairs = [quantize_fp8(m, np.float32) for m in mats]
+                q, sc = np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
+                exact[name] = np.stack([own_dequant(a, b) for a, b in pairs]).reshape(w.shape)
+                tensors[name], tensors[name + "_scale_inv"] = (q, sc) if w.ndim == 3 else (q[0], sc[0])
             else:
                 tensors[name] = exact[name] = w
     finally:
@@ -114,7 +113,18 @@ def _fp8_deepseek(tmp_path, block):
                                           "activation_scheme": "dynamic"}
         json.dump(cfg, open(d / "config.json", "w"))
         save_safetensors(str(d / "model.safetensors"), ts)
-    return str(fp8_dir), str(f32_dir)
+    return str(fp8_dir), str(f32_dir), tensors
+
+
+def _fp8_deepseek(tmp_path, block):
+    """A tiny DeepSeek-V3 as an FP8 block checkpoint (every linear but the router and lm_head, as the Hub's
+    DeepSeek-V3 stores it) and as its exactly dequantized float32 twin."""
+    from tests.hf_models import make_deepseek
+
+    src = make_deepseek(str(tmp_path / "src"))
+    fp8_dir, f32_dir, _ = _fp8_pair(src, tmp_path, block, lambda name, w: name.endswith(
+        ("_proj.weight", "_proj_with_mqa.weight")) and w.ndim == 2)
+    return fp8_dir, f32_dir
 
 
 def test_fp8_deepseek_checkpoint_stays_fp8_and_matches_its_dequantized_model(tmp_path):
@@ -225,42 +235,15 @@ def test_fused_gate_up_fp8_checkpoint(hf_model_dir, tmp_path, block, kept):
     moejax's grid, so a block is never cut in two."""
     from moejax.kernels.quant import QuantizedWeight
 
-    global BLOCK
     src = hf_model_dir("qwen3_moe", fused=True)
-    reader = SafetensorsReader(src)
-    tensors, exact = {}, {}
-    saved, BLOCK = BLOCK, block
-    try:
-        for name in reader.names():
-            w = np.array(reader.get(name))
-            if name.endswith(("_proj.weight", "gate_up_proj", "down_proj")) and w.ndim in (2, 3):
-                pairs = [quantize_fp8(m, np.float32) for m in (w if w.ndim == 3 else w[None])]
-                q, sc = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-                q, sc = (q, sc) if w.ndim == 3 else (q[0], sc[0])
-                tensors[name], tensors[name + "_scale_inv"] = q, sc
-                exact[name] = np.stack([own_dequant(a, b) for a, b in zip(*(
-                    (q, sc) if w.ndim == 3 else (q[None], sc[None])))]).reshape(w.shape)
-            else:
-                tensors[name] = exact[name] = w
-    finally:
-        BLOCK = saved
-    config = json.load(open(os.path.join(src, "config.json")))
-    dirs = {}
-    for tag, ts, quant in (("f32", exact, None), ("fp8", tensors, block)):
-        d = tmp_path / tag
-        d.mkdir()
-        cfg = dict(config)
-        if quant:
-            cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(quant)}
-        json.dump(cfg, open(d / "config.json", "w"))
-        save_safetensors(str(d / "model.safetensors"), ts)
-        dirs[tag] = str(d)
+    fp8_dir, f32_dir, tensors = _fp8_pair(src, tmp_path, block, lambda name, w: name.endswith(
+        ("_proj.weight", "gate_up_proj", "down_proj")) and w.ndim in (2, 3))
     assert any(n.endswith("gate_up_proj_scale_inv") for n in tensors)
-    llm = LLM(dirs["fp8"], dtype="float32", quantization="fp8")
+    llm = LLM(fp8_dir, dtype="float32", quantization="fp8")
     experts = [v.get_value() for p, v in flat_params(llm.runner.state) if p[-1] == "w_up"]
     assert experts and all(isinstance(w, QuantizedWeight) and w.kind == "fp8" for w in experts)
     ids = list(range(3, 40))
-    want = LLM(dirs["f32"], dtype="float32").logits(ids)
+    want = LLM(f32_dir, dtype="float32").logits(ids)
     err = np.abs(llm.logits(ids) - want).max() / np.abs(want).max()
     # kept: the dequantized weights exactly; requantized: a second e4m3 rounding (2^-4 relative) of the experts
     assert err < (1e-5 if kept else 5e-2), err
