@@ -93,4 +93,5 @@ def load_hf_state(
 def _place(host, sharding, dtype) -> jax.Array:
     """Put `host` on the devices of `sharding`: each device's shard is read, cast and copied on its own."""
     return jax.make_array_from_callback(
-        tuple(host.shape), sharding, lambda index: np.asarray(host[index]).astype(dtype, copy=False))
+        tuple(host.shape), sharding, lambda index: np.asarray(host[index]).astype(dtype, copy=False),
+        dtype=dtype)  # a pipeline stage on another process's devices: nothing here to read it from

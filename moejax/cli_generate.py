@@ -14,6 +14,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--dp", type=int, default=1, help="data parallel size")
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1,
+                   help="pipeline stages (each holds its layers and their KV cache)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="split the routed experts whole over the --tp ranks (attention stays tensor-parallel)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -49,7 +51,8 @@ def load_llm(args):
     from moejax import LLM
 
     return LLM(args.model, dtype=args.dtype, quantization=args.quantization, tensor_parallel_size=args.tp,
-               expert_parallel_size=args.ep, data_parallel_size=args.dp, max_model_len=args.max_model_len,
+               expert_parallel_size=args.ep, data_parallel_size=args.dp, pipeline_parallel_size=args.pp,
+               max_model_len=args.max_model_len,
                enable_expert_parallel=args.enable_expert_parallel,
                kv_cache_dtype=args.kv_cache_dtype, moe_top_k=args.moe_top_k, seed=args.seed,
                offload_experts=args.offload_experts, offload_cache_experts=args.offload_cache_experts)

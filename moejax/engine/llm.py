@@ -23,9 +23,10 @@ from moejax.engine.sampling import SamplingParams
 from moejax.engine.tokenizer import Tokenizer
 from moejax.kernels.quant import fp8_block
 from moejax.models import build_abstract
-from moejax.plan.memory import KV_CACHE_DTYPES, Mesh, check_divisible, plan_memory, resolve_weights, smallest_fix
+from moejax.plan.memory import (KV_CACHE_DTYPES, Mesh, check_divisible, plan_memory, resolve_weights, smallest_fix,
+                                stage_split)
 from moejax.sharding.distributed import initialize_from_env
-from moejax.sharding.mesh import make_mesh, sharding_for_axes
+from moejax.sharding.mesh import make_mesh, sharding_for_axes, stage_mesh
 from moejax.sharding.rules import EXPERT, TENSOR, experts_over
 
 logger = logging.getLogger("moejax")
@@ -96,19 +97,19 @@ class LLM:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
         if not isinstance(offload_experts, bool):
             raise ValueError(f"offload_experts must be True or False, got {offload_experts!r}")
-        if offload_experts and (tensor_parallel_size, expert_parallel_size, data_parallel_size) != (1, 1, 1):
+        if offload_experts and (tensor_parallel_size, expert_parallel_size, data_parallel_size,
+                                pipeline_parallel_size) != (1, 1, 1, 1):
             raise ValueError("offload_experts=True runs on one device: tensor_parallel_size, "
-                             "expert_parallel_size and data_parallel_size must be 1")
+                             "expert_parallel_size, data_parallel_size and pipeline_parallel_size must be 1")
         if not isinstance(offload_cache_experts, int) or isinstance(offload_cache_experts, bool) or \
                 offload_cache_experts < 0:
             raise ValueError(f"offload_cache_experts must be a non-negative integer, got {offload_cache_experts!r}")
         if offload_cache_experts and not offload_experts:
             raise ValueError("offload_cache_experts caches offloaded experts on the device: it needs "
                              "offload_experts=True")
-        for name, value, default in (("pipeline_parallel_size", pipeline_parallel_size, 1),
-                                     ("enable_dp_attention", enable_dp_attention, False)):
-            if value != default:
-                raise ValueError(f"{name}={value!r} is not supported by this version of moejax yet")
+        if enable_dp_attention is not False:
+            raise ValueError(f"enable_dp_attention={enable_dp_attention!r} is not supported by this version of "
+                             f"moejax yet")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.model_path = model
@@ -145,7 +146,8 @@ class LLM:
                                  f"{HOST_MEMORY!r} memory to hold the experts")
         for name, value in (("tensor_parallel_size", tensor_parallel_size),
                             ("expert_parallel_size", expert_parallel_size),
-                            ("data_parallel_size", data_parallel_size), ("max_num_seqs", max_num_seqs),
+                            ("data_parallel_size", data_parallel_size),
+                            ("pipeline_parallel_size", pipeline_parallel_size), ("max_num_seqs", max_num_seqs),
                             ("page_size", page_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -170,9 +172,12 @@ class LLM:
         if not isinstance(enable_expert_parallel, bool):
             raise ValueError(f"enable_expert_parallel must be True or False, got {enable_expert_parallel!r}")
         plan_mesh = Mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size,
-                         expert_over_tp=enable_expert_parallel)
+                         expert_over_tp=enable_expert_parallel, pp=pipeline_parallel_size)
         check_divisible(c, plan_mesh)
-        self.mesh = make_mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size)
+        self.mesh = make_mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size,
+                              pipeline=pipeline_parallel_size)
+        # pipeline stages: which layers each stage's devices hold (the planner counts the same split)
+        self.stages = stage_split(c, pipeline_parallel_size)
         # enable_expert_parallel: the routed experts go whole over the tensor-parallel ranks (rules.experts_over),
         # for loading here and for every trace of the step (ModelRunner enters the same context)
         self.experts_axis = TENSOR if enable_expert_parallel else EXPERT
@@ -201,10 +206,15 @@ class LLM:
         graphdef, abstract = build_abstract(c, self.dtype)
         num_pages = capacity // page_size + 1
 
+        layer_stage = {i: s for s, layers in enumerate(self.stages.stages) for i in layers}
+
         def sharding_for(path, var, shape):
             axes = var.get_metadata().get("logical_axes", ())
+            # a layer's weights load straight onto its pipeline stage's devices
+            mesh = stage_mesh(self.mesh, layer_stage[int(path[1])]) if self.stages.pp > 1 and \
+                path[0] == "layers" else self.mesh
             with experts_over(self.experts_axis):
-                sharding = sharding_for_axes(self.mesh, axes, shape)
+                sharding = sharding_for_axes(mesh, axes, shape)
             if offload_experts and axes and axes[0] == "experts":  # routed experts: loaded straight to the host
                 sharding = sharding.with_memory_kind(HOST_MEMORY)
             return sharding
@@ -226,7 +236,7 @@ class LLM:
             self.runner = ModelRunner(
                 graphdef, state, self.mesh, num_pages=num_pages, page_size=page_size,
                 kv_dtype=self.kv_dtype, max_model_len=self.max_model_len, buckets=buckets,
-                experts_axis=self.experts_axis, matmul_precision="highest" if self.dtype == jnp.float32 else None)
+                experts_axis=self.experts_axis, stages=self.stages, matmul_precision="highest" if self.dtype == jnp.float32 else None)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

@@ -27,7 +27,9 @@ from moejax.engine.scheduler import ScheduledStep
 from moejax.layers.kv_cache import POOL_AXES, KVPool, PagedBatch, init_pool, pool_shape
 from moejax.layers.moe import routing_func
 from moejax.compiling import compile_threads
+from moejax.models.pipelined import PipelinedModel
 from moejax.models.stacked import StackedModel
+from moejax.sharding.pipeline import StageSplit
 from moejax.sharding.mesh import mesh_shape, sharding_for_axes
 from moejax.sharding.rules import EXPERT, TENSOR, experts_over
 
@@ -137,9 +139,12 @@ class InFlight:
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh, *, num_pages: int, page_size: int,
                  kv_dtype, max_model_len: int, buckets: Buckets, matmul_precision: str | None = None,
-                 pool: KVPool | None = None, experts_axis: str = EXPERT):
+                 pool: KVPool | None = None, experts_axis: str = EXPERT, stages: StageSplit | None = None):
         self.experts_axis = experts_axis  # the mesh axis routed experts are split over (rules.experts_over)
-        self.model = StackedModel(graphdef, state)
+        # pipeline stages (stages.pp > 1): each stage's devices hold its layers and their pools
+        self.stages = stages if stages is not None and stages.pp > 1 else None
+        self.model = StackedModel(graphdef, state) if self.stages is None else \
+            PipelinedModel(graphdef, state, mesh, self.stages)
         self.graphdef = graphdef
         self.params = self.model.params
         self.config = self.model.config
@@ -150,7 +155,9 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // page_size)
         self.buckets = buckets
         self.prefill_block = buckets.prefill_block
-        self.pool = pool if pool is not None else allocate_pool(self.config, mesh, num_pages, page_size, kv_dtype)
+        layers = None if self.stages is None else self.stages.pp * self.stages.slots_per_stage
+        self.pool = pool if pool is not None else allocate_pool(self.config, mesh, num_pages, page_size, kv_dtype,
+                                                                layers)
         self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._prev = jax.device_put(np.zeros(buckets.max_sample_rows, np.int32), self._replicated)
         # Per shape, a ring of host buffers: the transfer of a step's input (zero-copy on the CPU backend) may
@@ -389,7 +396,7 @@ class ModelRunner:
         if self._program_fingerprint is None:
             facts = {"buckets": self.buckets, "page_size": self.page_size, "num_pages": self.num_pages,
                      "max_pages": self.max_pages, "matmul_precision": self.matmul_precision,
-                     "experts_axis": self.experts_axis, "prev": (self._prev.shape, str(self._prev.sharding))}
+                     "experts_axis": self.experts_axis, "stages": self.stages, "prev": (self._prev.shape, str(self._prev.sharding))}
             self._program_fingerprint = executable_cache.program_fingerprint(
                 config=self.config, params=self.params, pool=self.pool, mesh=self.mesh, facts=facts)
         return self._program_fingerprint
@@ -399,10 +406,12 @@ class ModelRunner:
             return self.forward_logits_fn(self.params, tokens_T, positions_T, routing_fn=self.routing_fn)
 
 
-def allocate_pool(config, mesh, num_pages: int, page_size: int, kv_dtype) -> KVPool:
+def allocate_pool(config, mesh, num_pages: int, page_size: int, kv_dtype, layers: int | None = None) -> KVPool:
+    """layers: the pools' layer slots (pipeline stages: pp * slots per stage, split over `pipeline`)."""
     tensor = mesh_shape(mesh).get(TENSOR, 1) if mesh is not None else 1
-    shape = pool_shape(config, num_pages, page_size, tensor)
-    pool = init_pool(config, num_pages, page_size, kv_dtype, sharding_for_axes(mesh, POOL_AXES, shape), tensor)
+    shape = pool_shape(config, num_pages, page_size, tensor, layers)
+    pool = init_pool(config, num_pages, page_size, kv_dtype, sharding_for_axes(mesh, POOL_AXES, shape), tensor,
+                     layers)
     return jax.block_until_ready(pool)
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from moejax.sharding import attention_parallel
 from moejax.config import ModelConfig
 
-POOL_AXES = (None, None, None, "kv_heads", "head_dim")  # [layers, pages, page_size, kv_heads, head_dim]
+POOL_AXES = ("layers", None, None, "kv_heads", "head_dim")  # [layers, pages, page_size, kv_heads, head_dim]
 
 
 @jax.tree_util.register_dataclass
@@ -52,14 +52,18 @@ def cached_kv_heads(config: ModelConfig, tensor: int = 1) -> int:
     return tensor
 
 
-def pool_shape(config: ModelConfig, num_pages: int, page_size: int, tensor: int = 1) -> tuple[int, ...]:
+def pool_shape(config: ModelConfig, num_pages: int, page_size: int, tensor: int = 1,
+               layers: int | None = None) -> tuple[int, ...]:
+    """layers: the pools' layer slots (pipeline stages: pp * slots per stage); the model's layers by default."""
+    layers = config.num_layers if layers is None else layers
     if config.is_mla:
-        return (config.num_layers, num_pages, page_size, 1, config.kv_lora_rank + config.qk_rope_head_dim)
-    return (config.num_layers, num_pages, page_size, cached_kv_heads(config, tensor), config.head_dim)
+        return (layers, num_pages, page_size, 1, config.kv_lora_rank + config.qk_rope_head_dim)
+    return (layers, num_pages, page_size, cached_kv_heads(config, tensor), config.head_dim)
 
 
-def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None, tensor: int = 1) -> KVPool:
-    shape = pool_shape(config, num_pages, page_size, tensor)
+def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None, tensor: int = 1,
+              layers: int | None = None) -> KVPool:
+    shape = pool_shape(config, num_pages, page_size, tensor, layers)
 
     def zeros():
         return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()

@@ -5,12 +5,14 @@ Per-device bytes follow the ring algorithms: an all-reduce of S bytes over g ran
 all-to-all sends the (g - 1) / g of its S bytes bound for other ranks, a pipeline hand-off sends S. What each
 layout communicates, per replica step of T tokens with hidden size D (activations in the compute dtype):
   - tensor parallelism: an all-reduce of [T, D] after attention and after each MLP (a MoE layer's shared expert
-    too), one for the vocabulary-split embedding, and the all-gather of the [T, V] float32 logits;
+    too), one for the vocabulary-split embedding, and the all-gather of the [T, V] float32 logits (with
+    pipeline stages the vocabulary is split over pp x tp, and those two run over that group on every stage);
   - today's expert parallelism: every expert rank sees all T tokens and one all-reduce of [T, D] over the ranks
     that split the experts (expert x tensor when the width is split too) combines the routed experts;
   - DP attention with expert parallelism: each expert rank attends over its own T / ep tokens, and a MoE layer
     sends each of its tokens' k assignments to the rank of the expert and back (two all-to-alls);
-  - pipeline stages: each stage hands [T, D] to the next.
+  - pipeline stages: each stage hands [T, D] to the next, and the last stage's hidden states reach every stage
+    (an all-reduce over pp) for the logits.
 Collectives whose ranks span more than one node (devices are numbered pipeline, data, expert, tensor from the
 outside in, `node_devices` to a node) run at the inter-node link rate, the others at the intra-node rate.
 
@@ -53,7 +55,9 @@ class Links:
 class Collective:
     """One kind of collective in a step: per-device bytes sent and how many times it runs."""
 
-    kind: str  # "tp_all_reduce", "moe_all_reduce", "all_to_all", "pipeline_send", "logits_all_gather"
+    # "tp_all_reduce", "moe_all_reduce", "all_to_all", "pipeline_send", "pipeline_all_reduce",
+    # "vocab_all_reduce", "logits_all_gather"
+    kind: str
     axes: tuple[str, ...]  # mesh axes of its group
     bytes_per_device: float
     count: int
@@ -92,7 +96,7 @@ def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = 
     # attention's batch: split over the expert ranks too with DP attention
     attn_tokens = tokens / mesh.ep if mesh.dp_attention else tokens
     tp_row = attn_tokens * d * act
-    stages = stage_layers(config.num_layers, mesh.pp)
+    stages = stage_layers(config, mesh.pp)
     per_stage = []
     for s, layers in enumerate(stages):
         out = []
@@ -100,12 +104,21 @@ def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = 
         dense_here = len(layers) - moe_here
         if mesh.tp > 1:
             shared = 1 if config.shared_expert_intermediate_size else 0
-            # attention out per layer, the dense MLP's out, the shared expert's out; the embedding's (first stage)
-            count = len(layers) + dense_here + shared * moe_here + (s == 0)
+            # attention out per layer, the dense MLP's out, the shared expert's out; the embedding's (pp 1)
+            count = len(layers) + dense_here + shared * moe_here + (mesh.pp == 1)
             add(out, "tp_all_reduce", ("tp",), _all_reduce(tp_row, mesh.tp), count)
-            if s == len(stages) - 1:
+        vocab_axes = tuple(a for a, n in (("pp", mesh.pp), ("tp", mesh.tp)) if n > 1)
+        vocab_ranks = mesh.pp * mesh.tp
+        if vocab_ranks > 1:
+            # the vocabulary is split over pp x tp on every stage: the embedding's all-reduce (pp > 1; at pp 1
+            # it is one of the tp all-reduces above) and the all-gather of the logits
+            if mesh.pp > 1:
+                add(out, "vocab_all_reduce", vocab_axes, _all_reduce(row, vocab_ranks), 1)
+            if mesh.pp > 1 or s == len(stages) - 1:
                 logits = tokens * config.vocab_size * 4
-                add(out, "logits_all_gather", ("tp",), (mesh.tp - 1) / mesh.tp * logits, 1)
+                add(out, "logits_all_gather", vocab_axes, (vocab_ranks - 1) / vocab_ranks * logits, 1)
+        if mesh.pp > 1:  # the last stage's hidden states to every stage, for the logits
+            add(out, "pipeline_all_reduce", ("pp",), _all_reduce(row, mesh.pp), 1)
         if moe_here:
             if mesh.dp_attention:
                 k = config.num_experts_per_tok

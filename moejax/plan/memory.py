@@ -12,7 +12,8 @@ import math
 from moejax.config import ModelConfig
 from moejax.kernels.quant import fp8_block, fp8_sharding_shape, sharding_shape
 from moejax.plan.params import KINDS, ParamCounts, TensorSpec, count_params, inventory
-from moejax.sharding.rules import DATA, EXPERT, TENSOR, experts_over, logical_to_spec
+from moejax.sharding.pipeline import StageSplit, split_stages
+from moejax.sharding.rules import DATA, EXPERT, PIPELINE, TENSOR, experts_over, logical_to_spec, spec_axes
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -44,7 +45,7 @@ class Mesh:
 
     @property
     def shape(self) -> dict[str, int]:
-        return {DATA: self.dp, EXPERT: self.ep, TENSOR: self.tp}
+        return {PIPELINE: self.pp, DATA: self.dp, EXPERT: self.ep, TENSOR: self.tp}
 
 
 def int4_group_size(k: int, group: int = INT4_GROUP) -> int:
@@ -92,8 +93,8 @@ def shard_factor(axes, shape, mesh: Mesh) -> int:
         spec = logical_to_spec(axes, mesh.shape, shape)
     factor = 1
     for entry in spec:
-        if entry is not None:
-            factor *= mesh.shape[entry]
+        for axis in spec_axes(entry):
+            factor *= mesh.shape[axis]
     return factor
 
 
@@ -118,24 +119,27 @@ def tensor_bytes_per_device(t: TensorSpec, dtype: str, quantization: str | None,
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
-def stage_layers(num_layers: int, pp: int) -> list[range]:
-    """The layers of each pipeline stage: contiguous, as even as the division allows (the first stages take
-    the remainder)."""
-    base, extra = divmod(num_layers, pp)
-    out, start = [], 0
-    for s in range(pp):
-        n = base + (s < extra)
-        out.append(range(start, start + n))
-        start += n
-    return out
+def stage_split(config: ModelConfig, pp: int) -> StageSplit:
+    """The engine's pipeline stages for this model (sharding/pipeline.py): the split of the layers whose slots
+    weigh least, layers weighed by their parameter count."""
+    sizes = [0] * config.num_layers
+    for t in inventory(config):
+        if t.path[0] == "layers":
+            sizes[t.path[1]] += math.prod(t.shape)
+    return split_stages(list(config.moe_layers), pp, sizes)
+
+
+def stage_layers(config: ModelConfig, pp: int) -> tuple[range, ...]:
+    """The layers of each pipeline stage: contiguous, as the engine splits them."""
+    return stage_split(config, pp).stages
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: str, mesh: Mesh = Mesh(), kv_cache_dtype: str = "auto") -> int:
-    """Cache bytes one token takes on one device, summed over the layers of its pipeline stage (the largest).
+    """Cache bytes one token takes on one device, summed over the layer slots of its pipeline stage.
     kv_cache_dtype "auto" keeps the model's dtype (bf16 for fp8 weights); "fp8" stores e4m3 pages, one byte a
     value."""
     elem = 1 if kv_cache_dtype == "fp8" else DTYPE_BYTES["bfloat16" if dtype == "fp8" else dtype]
-    layers = max(len(r) for r in stage_layers(config.num_layers, mesh.pp))
+    layers = stage_split(config, mesh.pp).slots_per_stage
     if config.is_mla:  # the compressed latent and the shared rope key, replicated over tensor ranks
         return layers * (config.kv_lora_rank + config.qk_rope_head_dim) * elem
     heads = config.num_kv_heads
@@ -226,17 +230,14 @@ def plan_memory(
     max_model_len = max_model_len or config.max_position_embeddings
     host = 0
     block = fp8_block(config)
-    stages = stage_layers(config.num_layers, mesh.pp)
-    stage_kinds = [{k: 0 for k in KINDS} for _ in stages]
+    split = stage_split(config, mesh.pp)
+    by_kind = {k: 0 for k in KINDS}
     for t in inventory(config):
         if offload_experts and t.kind == "routed_experts":
             # The host keeps every routed expert whole, for all of its devices.
             host += tensor_bytes_per_device(t, dtype, quantization, Mesh(), block)
             continue
-        for s in _stages_of(t, stages, config.tie_word_embeddings):
-            stage_kinds[s][t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh, block)
-    # a device holds one stage: the largest
-    by_kind = max(stage_kinds, key=lambda kinds: sum(kinds.values()))
+        by_kind[t.kind] += tensor_bytes_per_device(t, dtype, quantization, mesh, block) * _copies(t, split)
     if offload_cache_experts and host:
         # the device cache: S of the E experts of every MoE layer, and each layer's [E] int32 slot table
         by_kind["routed_experts"] += host * offload_cache_experts // config.num_experts + \
@@ -262,15 +263,14 @@ def plan_memory(
     return plan
 
 
-def _stages_of(t, stages: list[range], tied: bool) -> list[int]:
-    """The pipeline stages that hold tensor t: its layer's, the first for the embeddings (and the last too when
-    the lm_head reuses them), the last for the final norm and lm_head."""
-    if t.path[0] == "layers":
-        return [next(s for s, r in enumerate(stages) if t.path[1] in r)]
-    last = len(stages) - 1
-    if t.path[0] == "embed":
-        return sorted({0, last}) if tied else [0]
-    return [last]
+def _copies(t, split: StageSplit) -> int:
+    """How many of tensor t's kind a device holds: a layer's tensors once per slot of its run (every stage has
+    as many slots as the stage holding most of the run's layers; counted at the run's first layer), the
+    embeddings, final norm and lm_head once (on every stage; the vocabulary split over the stages too)."""
+    if t.path[0] != "layers":
+        return 1
+    run = next(r for r, rng in enumerate(split.runs) if t.path[1] in rng)
+    return split.slots[run] if t.path[1] == split.runs[run].start else 0
 
 
 def check_divisible(config: ModelConfig, mesh: Mesh) -> None:

@@ -29,7 +29,9 @@ def paged_attention(q_NQHD, q_pos_NQ, page_table_NP, k_pool, v_pool, layer, k_ne
                                        use_kernel=use_kernel, **static)
 
     mesh = jax.sharding.get_abstract_mesh()
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes)) if mesh.axis_names else {}
+    # axes already manual (the pipeline stages' shard_map) are not this call's to split
+    manual = set(getattr(mesh, "manual_axes", ()))
+    sizes = {a: s for a, s in zip(mesh.axis_names, mesh.axis_sizes) if a not in manual} if mesh.axis_names else {}
     n, qb, h, d = q_NQHD.shape
     dv = value_dim if v_pool is None else v_pool.shape[-1]
     if all(s == 1 for s in sizes.values()) or kernels.attention_kernel(qb, h, d, k_pool.shape, dv, max_back) is None:

@@ -16,11 +16,13 @@ from jax.sharding import PartitionSpec
 DATA = "data"
 TENSOR = "tensor"
 EXPERT = "expert"
-MESH_AXES = (DATA, EXPERT, TENSOR)
+PIPELINE = "pipeline"  # stages of consecutive layers (sharding/pipeline.py)
+MESH_AXES = (PIPELINE, DATA, EXPERT, TENSOR)
 
 # logical axis -> mesh axis (None: replicated).
-LOGICAL_AXIS_RULES: Mapping[str, str | None] = {
-    "vocab": TENSOR,  # embeddings and lm_head split over the vocabulary
+LOGICAL_AXIS_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    # embeddings and lm_head split over the vocabulary, on every pipeline stage (each holds 1 / (pp * tp))
+    "vocab": (PIPELINE, TENSOR),
     "embed": None,  # the residual stream is replicated
     "q_heads": TENSOR,  # flattened heads * head_dim of q and o projections
     "kv_heads": TENSOR,  # flattened kv_heads * head_dim; replicated when kv heads < tensor ranks
@@ -33,6 +35,7 @@ LOGICAL_AXIS_RULES: Mapping[str, str | None] = {
     "latent": None,  # MLA compressed dims
     "batch": DATA,  # KV cache and activations
     "seq": None,
+    "layers": PIPELINE,  # stacked layers and the KV pools' layer axis: each stage its own layers
 }
 
 
@@ -67,20 +70,31 @@ def logical_to_spec(
 
     With `mesh_shape` and `shape`, an axis whose size the mesh axis does not divide is replicated instead
     (kv heads fewer than tensor ranks); a mesh axis of size 1 is dropped. A mesh axis already used by an
-    earlier axis of the array is not used again (experts over `tensor` leave their width whole).
+    earlier axis of the array is not used again (experts over `tensor` leave their width whole). A rule of
+    several mesh axes splits over all of them, dropping the outer ones first until the size divides.
     """
-    spec: list[str | None] = []
+    spec: list = []
     used: set[str] = set()
     for i, name in enumerate(axes):
-        mesh_axis = (experts_axis() if name == "experts" else LOGICAL_AXIS_RULES.get(name)) \
-            if name is not None else None
-        if mesh_axis is not None and mesh_shape is not None:
-            size = mesh_shape.get(mesh_axis, 1)
-            if size == 1 or (shape is not None and shape[i] % size):
-                mesh_axis = None
-        if mesh_axis in used:
-            mesh_axis = None
-        if mesh_axis is not None:
-            used.add(mesh_axis)
-        spec.append(mesh_axis)
+        rule = (experts_axis() if name == "experts" else LOGICAL_AXIS_RULES.get(name)) if name is not None else None
+        mesh_axes = [] if rule is None else [rule] if isinstance(rule, str) else list(rule)
+        mesh_axes = [a for a in mesh_axes if a not in used]
+        if mesh_shape is not None:
+            mesh_axes = [a for a in mesh_axes if mesh_shape.get(a, 1) > 1]
+            while mesh_axes and shape is not None and shape[i] % _product(mesh_shape, mesh_axes):
+                mesh_axes = mesh_axes[1:]
+        used.update(mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
     return PartitionSpec(*spec)
+
+
+def _product(mesh_shape: Mapping[str, int], mesh_axes: Sequence[str]) -> int:
+    n = 1
+    for a in mesh_axes:
+        n *= mesh_shape.get(a, 1)
+    return n
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)

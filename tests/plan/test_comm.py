@@ -55,11 +55,12 @@ def test_deepseek_tp8_counts_dense_and_shared_expert_all_reduces():
     got = _by_kind(step_collectives(c, Mesh(tp=8), 32))
     assert got["tp_all_reduce"].count == 61 + 3 + 58 + 1
     assert got["moe_all_reduce"].count == 58
-    # pp2 stages hold layers 0-30 (3 dense, 28 MoE, the embedding) and 31-60 (30 MoE, the lm_head): 63 + 28
-    # all-reduces against 60 + 30 and the logits; the second sends more (its logits), and a device counts that one
+    # pp2 stages hold layers 0-31 (3 dense, 29 MoE) and 32-60 (29 MoE): 32 + 3 + 29 tp all-reduces and a
+    # hand-off against 29 + 29; a device counts the first. The vocabulary is split over all 8 devices on both.
     staged = _by_kind(step_collectives(c, Mesh(tp=4, pp=2), 32))
-    assert staged["moe_all_reduce"].count == 30 and staged["tp_all_reduce"].count == 30 + 30
-    assert "logits_all_gather" in staged and "pipeline_send" not in staged
+    assert staged["moe_all_reduce"].count == 29 and staged["tp_all_reduce"].count == 32 + 3 + 29
+    assert staged["logits_all_gather"].axes == ("pp", "tp") and "pipeline_send" in staged
+    assert staged["vocab_all_reduce"].axes == ("pp", "tp") and "pipeline_all_reduce" in staged
 
 
 def test_collectives_that_span_nodes_use_the_inter_node_link():

@@ -152,24 +152,39 @@ def test_expert_cache_is_counted_on_the_device():
 
 
 def test_pipeline_stages_hold_their_layers():
-    """TP4 x PP2 for Qwen3-235B-A22B (FP8) on 8 x 48 GB: each stage holds half the layers (the embeddings on
-    the first, the lm_head on the last) and half the KV per token; it fits, where bf16 does not."""
+    """TP4 x PP2 for Qwen3-235B-A22B (FP8) on 8 x 48 GB: each stage holds half the layers and half the KV per
+    token, and the vocabulary of the embeddings and lm_head split over all 8 devices; it fits, where bf16 does
+    not."""
     from moejax.plan.memory import kv_bytes_per_token, stage_layers
 
     config = ModelConfig.from_file(known_models.resolve("Qwen/Qwen3-235B-A22B"))
-    assert [len(r) for r in stage_layers(94, 4)] == [24, 24, 23, 23]
+    assert [len(r) for r in stage_layers(config, 4)] == [24, 24, 23, 23]
     kw = dict(device_memory_bytes=48 * GIB, max_model_len=4096)
     tp4 = plan_memory(config, mesh=Mesh(4), dtype="fp8", **kw)
     pp2 = plan_memory(config, mesh=Mesh(4, pp=2), dtype="fp8", **kw)
     assert pp2.fits and pp2.mesh.devices == 8
-    layers = tp4.weight_bytes_per_device - tp4.weight_bytes_by_kind["embeddings"] - tp4.weight_bytes_by_kind["lm_head"]
-    # the larger stage: 47 of the 94 layers, and the embeddings (first) or the lm_head (last)
-    stage = pp2.weight_bytes_per_device - pp2.weight_bytes_by_kind["embeddings"] - pp2.weight_bytes_by_kind["lm_head"]
-    assert abs(stage - layers / 2) <= 2 * config.hidden_size  # the final norm goes with the last stage
-    assert pp2.weight_bytes_by_kind["embeddings"] == 0 or pp2.weight_bytes_by_kind["lm_head"] == 0
+    top = ("embeddings", "lm_head")
+    layers = tp4.weight_bytes_per_device - sum(tp4.weight_bytes_by_kind[k] for k in top)
+    stage = pp2.weight_bytes_per_device - sum(pp2.weight_bytes_by_kind[k] for k in top)
+    assert abs(stage - layers / 2) <= 2 * config.hidden_size  # the final norm is on every stage
+    for kind in top:
+        assert pp2.weight_bytes_by_kind[kind] * 2 == tp4.weight_bytes_by_kind[kind]
     assert kv_bytes_per_token(config, "fp8", Mesh(4, pp=2)) * 2 == kv_bytes_per_token(config, "fp8", Mesh(4))
     assert not plan_memory(config, mesh=Mesh(4, pp=2), dtype="bfloat16", suggest=False, **kw).fits
     assert plan_memory(config, mesh=Mesh(1, 8), dtype="fp8", **kw).fits
+
+
+def test_pipeline_split_wastes_the_fewest_bytes():
+    """DeepSeek-V3's 3 dense and 58 MoE layers at pp2: every stage has 3 dense and 29 MoE slots (one SPMD
+    program: the same shapes on every stage), so the split puts 3 + 29 layers on the first stage and 29 on the
+    second, not the even 31 / 30 (which would need 30 MoE slots); the KV cache has 32 layers per stage."""
+    from moejax.plan.memory import kv_bytes_per_token, stage_split
+
+    config = ModelConfig.from_file(known_models.resolve("deepseek-v3"))
+    split = stage_split(config, 2)
+    assert split.stages == (range(0, 32), range(32, 61)) and split.slots == (3, 29)
+    one = kv_bytes_per_token(config, "fp8")
+    assert kv_bytes_per_token(config, "fp8", Mesh(pp=2)) == one // 61 * 32
 
 
 def test_dp_attention_caches_each_ranks_own_requests():

@@ -1,4 +1,5 @@
-"""One process of a two-process job on localhost: experts split across both processes' CPU devices."""
+"""One process of a two-process job on localhost: experts or pipeline stages split across both processes' CPU
+devices."""
 
 import json
 import os
@@ -8,13 +9,17 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def main(model: str, out: str) -> None:
+def main(model: str, out: str, layout: str = "ep8") -> None:
     from moejax import LLM, SamplingParams
     from moejax.sharding.distributed import is_main_process
 
     import jax
 
-    llm = LLM(model, expert_parallel_size=8)
+    # ep8: the experts over both processes; pp2_ep4: a pipeline stage a process (activations cross processes)
+    sizes = {"ep8": dict(expert_parallel_size=8),
+             "pp2_ep4": dict(pipeline_parallel_size=2, expert_parallel_size=4, max_num_batched_tokens=32,
+                             page_size=4)}[layout]
+    llm = LLM(model, **sizes)
     assert len(jax.devices()) == 8 and len(jax.local_devices()) == 4
     prompts = [[5, 9, 11, 40, 3], [7, 7, 8]]
     outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False,
@@ -26,4 +31,4 @@ def main(model: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

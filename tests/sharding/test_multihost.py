@@ -1,4 +1,5 @@
-"""Two processes on localhost run one model with its experts split across both, as a multi-host launch would."""
+"""Two processes on localhost run one model with its experts, or its pipeline stages, split across both, as a
+multi-host launch would."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from moejax import LLM, SamplingParams
 
@@ -17,7 +19,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_reproduce_one(hf_model_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["ep8", "pp2_ep4"])
+def test_two_processes_reproduce_one(hf_model_dir, tmp_path, layout):
     model = hf_model_dir("qwen2_moe")
     port = free_port()
     out = tmp_path / "out.json"
@@ -26,7 +29,7 @@ def test_two_processes_reproduce_one(hf_model_dir, tmp_path):
     for rank in range(2):
         env = dict(os.environ, MOEJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MOEJAX_NUM_PROCESSES="2",
                    MOEJAX_PROCESS_ID=str(rank), PYTHONPATH=os.getcwd())
-        procs.append(subprocess.Popen([sys.executable, worker, model, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, worker, model, str(out), layout], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
