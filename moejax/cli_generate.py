@@ -18,6 +18,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="pipeline stages (each holds its layers and their KV cache)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="split the routed experts whole over the --tp ranks (attention stays tensor-parallel)")
+    p.add_argument("--enable-dp-attention", action="store_true",
+                   help="each --ep rank serves its own requests and KV pages; MoE tokens go by all-to-all")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 (e4m3 pages, twice the tokens)")
     p.add_argument("--moe-top-k", type=int, default=None, help="experts per token instead of the model's")
@@ -53,7 +55,7 @@ def load_llm(args):
     return LLM(args.model, dtype=args.dtype, quantization=args.quantization, tensor_parallel_size=args.tp,
                expert_parallel_size=args.ep, data_parallel_size=args.dp, pipeline_parallel_size=args.pp,
                max_model_len=args.max_model_len,
-               enable_expert_parallel=args.enable_expert_parallel,
+               enable_expert_parallel=args.enable_expert_parallel, enable_dp_attention=args.enable_dp_attention,
                kv_cache_dtype=args.kv_cache_dtype, moe_top_k=args.moe_top_k, seed=args.seed,
                offload_experts=args.offload_experts, offload_cache_experts=args.offload_cache_experts)
 

@@ -49,6 +49,11 @@ def add_arguments(p) -> None:
                    help="throughput requests given to transformers (the first ones; moejax also runs them)")
     g.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None,
                    help="moejax's weights (the rooflines count their bytes; the transformers peer stays bf16)")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel size of the moejax engine")
+    g.add_argument("--ep", type=int, default=1, help="expert parallel size of the moejax engine")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages of the moejax engine")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="the routed experts whole over the --tp ranks")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-model-len", type=int, default=None, help="default: the longest sequence the bench makes")
     g.add_argument("--kv-cache-tokens", type=int, default=None)
@@ -71,7 +76,8 @@ def add_arguments(p) -> None:
 
 
 def _check(args) -> None:
-    for name in ("prompt_len", "steps", "repeats", "prefill_len", "requests", "max_num_seqs", "matmul_n"):
+    for name in ("prompt_len", "steps", "repeats", "prefill_len", "requests", "max_num_seqs", "matmul_n", "tp", "ep",
+                 "pp"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.peer_requests < 0:
@@ -190,6 +196,10 @@ def bench_generate(args) -> int:
     llm_kwargs = {"max_model_len": args.max_model_len or _max_model_len(args), "max_num_seqs": args.max_num_seqs,
                   "kv_cache_tokens": args.kv_cache_tokens, "max_num_batched_tokens": args.max_num_batched_tokens,
                   "gpu_memory_utilization": args.gpu_memory_utilization, "quantization": args.quantization}
+    # a parallel layout (the rooflines stay those of one device: run the bench without it for the baseline)
+    layout = {"tensor_parallel_size": args.tp, "expert_parallel_size": args.ep, "pipeline_parallel_size": args.pp,
+              "enable_expert_parallel": args.enable_expert_parallel}
+    llm_kwargs.update({k: v for k, v in layout.items() if v not in (1, False)})
     results = {
         "model": {"config": os.path.abspath(args.config), "architectures": hf.get("architectures"),
                   "layers": config.num_layers, "params": counts.total, "active_params": counts.active},
@@ -332,6 +342,13 @@ def header(results: dict) -> str:
     lines = [f"model: {m['architectures']} with {m['layers']} layers, {m['params'] / 1e9:.2f}B parameters "
              f"({m['active_params'] / 1e9:.2f}B active), random bf16 weights"
              + (f" (moejax: {q})" if (q := results["settings"]["llm"].get("quantization")) else "")]
+    llm = results["settings"]["llm"]
+    parts = [f"{name}{llm[key]}" for name, key in (("tp", "tensor_parallel_size"), ("ep", "expert_parallel_size"),
+                                                   ("pp", "pipeline_parallel_size")) if llm.get(key, 1) > 1]
+    if parts or llm.get("enable_expert_parallel"):
+        lines.append(f"moejax layout: {' x '.join(parts) or 'one device'}"
+                     + (" (experts over tp)" if llm.get("enable_expert_parallel") else "")
+                     + "; the rooflines and the peer are one device's")
     if r.get("hbm_bytes_per_s") or r.get("matmul_flops_per_s"):
         bw = f"{r['hbm_bytes_per_s'] / 1e12:.3g} TB/s ({r['copy_bytes'] / GIB:.3g} GiB copy, read + write)" \
             if r.get("hbm_bytes_per_s") else "HBM bandwidth failed"

@@ -18,7 +18,7 @@ from moejax.engine.outputs import CompletionOutput, RequestOutput
 from moejax.engine.pages import PageAllocator
 from moejax.engine.runner import MAX_LOGPROBS, InFlight, ModelRunner
 from moejax.engine.sampling import SamplingParams
-from moejax.engine.scheduler import Scheduler, Sequence, Status
+from moejax.engine.scheduler import RankedScheduler, Scheduler, Sequence, Status
 
 
 @dataclasses.dataclass
@@ -42,10 +42,16 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = set() if eos_token_ids is None else eos_token_ids  # shared with LLM.eos_token_ids, which callers may extend
         self.seed = seed
-        self.pages = PageAllocator(runner.num_pages, runner.page_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.pages, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens,
-                                   prefill_block=runner.prefill_block)
+        limits = dict(max_num_batched_tokens=max_num_batched_tokens, prefill_block=runner.prefill_block)
+        if runner.attention_ranks > 1:  # DP attention: each rank its own pages, requests and batch
+            self.rank_pages = [PageAllocator(runner.num_pages, runner.page_size, enable_prefix_caching)
+                               for _ in range(runner.attention_ranks)]
+            self.scheduler = RankedScheduler(
+                self.rank_pages, max_num_seqs=-(-max_num_seqs // runner.attention_ranks), **limits)
+        else:
+            self.rank_pages = [PageAllocator(runner.num_pages, runner.page_size, enable_prefix_caching)]
+            self.scheduler = Scheduler(self.rank_pages[0], max_num_seqs=max_num_seqs, **limits)
+        self.pages = self.rank_pages[0]
         self.requests: dict[str, _Request] = {}
         self._in_flight: InFlight | None = None
         self._ready: list[RequestOutput] = []  # finished without a step (max_tokens=0): reported by the next
@@ -101,7 +107,7 @@ class LLMEngine:
         return bool(self.requests or self._ready) or self._in_flight is not None
 
     def kv_cache_usage(self) -> float:
-        return self.pages.usage()
+        return sum(p.usage() for p in self.rank_pages) / len(self.rank_pages)
 
     def step(self) -> list[RequestOutput]:
         """Launch the next step, then process the previous one; returns the requests that changed."""

@@ -107,9 +107,11 @@ class LLM:
         if offload_cache_experts and not offload_experts:
             raise ValueError("offload_cache_experts caches offloaded experts on the device: it needs "
                              "offload_experts=True")
-        if enable_dp_attention is not False:
-            raise ValueError(f"enable_dp_attention={enable_dp_attention!r} is not supported by this version of "
-                             f"moejax yet")
+        if not isinstance(enable_dp_attention, bool):
+            raise ValueError(f"enable_dp_attention must be True or False, got {enable_dp_attention!r}")
+        if enable_dp_attention and (pipeline_parallel_size, data_parallel_size) != (1, 1):
+            raise ValueError("enable_dp_attention splits the requests over the expert ranks: "
+                             "pipeline_parallel_size and data_parallel_size must be 1")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.model_path = model
@@ -172,7 +174,8 @@ class LLM:
         if not isinstance(enable_expert_parallel, bool):
             raise ValueError(f"enable_expert_parallel must be True or False, got {enable_expert_parallel!r}")
         plan_mesh = Mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size,
-                         expert_over_tp=enable_expert_parallel, pp=pipeline_parallel_size)
+                         expert_over_tp=enable_expert_parallel, pp=pipeline_parallel_size,
+                         dp_attention=enable_dp_attention)
         check_divisible(c, plan_mesh)
         self.mesh = make_mesh(tensor_parallel_size, expert_parallel_size, data_parallel_size,
                               pipeline=pipeline_parallel_size)
@@ -192,10 +195,12 @@ class LLM:
         capacity = plan.kv_cache_tokens if kv_cache_tokens is None else kv_cache_tokens
         self.max_model_len = max_model_len or max(min(c.max_position_embeddings, capacity), 2)
         self._check_fits(kv_cache_tokens, plan_mesh)
+        # DP attention: each expert rank caches its own requests in its own pages
+        self.attention_ranks = expert_parallel_size if enable_dp_attention else 1
         if kv_cache_tokens is None:  # never more than max_num_seqs full-length requests can use
             capacity = min(capacity, max_num_seqs * self.max_model_len)
             if jax.default_backend() == "cpu":  # host RAM is shared with everything else: stay modest
-                capacity = min(capacity, CPU_DEFAULT_KV_REQUESTS * self.max_model_len)
+                capacity = min(capacity, CPU_DEFAULT_KV_REQUESTS * self.max_model_len * self.attention_ranks)
         if capacity < self.max_model_len:
             raise ValueError(f"kv_cache_tokens={capacity} cannot hold one request of max_model_len="
                              f"{self.max_model_len} tokens")
@@ -204,7 +209,11 @@ class LLM:
                     f"{capacity:,}", f"{self.max_model_len:,}", capacity / self.max_model_len)
 
         graphdef, abstract = build_abstract(c, self.dtype)
-        num_pages = capacity // page_size + 1
+        per_rank = capacity // self.attention_ranks
+        if per_rank < self.max_model_len:
+            raise ValueError(f"kv_cache_tokens={capacity} over {self.attention_ranks} attention ranks cannot hold one "
+                             f"request of max_model_len={self.max_model_len} tokens on each")
+        num_pages = per_rank // page_size + 1
 
         layer_stage = {i: s for s, layers in enumerate(self.stages.stages) for i in layers}
 
@@ -230,13 +239,14 @@ class LLM:
                                   keep_fp8=quantization == "fp8")
         budget = max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
         block = min(PREFILL_BLOCK, page_size * 4)
-        buckets = Buckets(max_decode=bucket(max_num_seqs), max_prefill=max(budget // block, 1) * block,
+        buckets = Buckets(max_decode=bucket(-(-max_num_seqs // self.attention_ranks)), max_prefill=max(budget // block, 1) * block,
                           prefill_block=block)
         try:
             self.runner = ModelRunner(
                 graphdef, state, self.mesh, num_pages=num_pages, page_size=page_size,
                 kv_dtype=self.kv_dtype, max_model_len=self.max_model_len, buckets=buckets,
-                experts_axis=self.experts_axis, stages=self.stages, matmul_precision="highest" if self.dtype == jnp.float32 else None)
+                experts_axis=self.experts_axis, stages=self.stages, attention_ranks=self.attention_ranks,
+                matmul_precision="highest" if self.dtype == jnp.float32 else None)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

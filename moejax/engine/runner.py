@@ -31,7 +31,7 @@ from moejax.models.pipelined import PipelinedModel
 from moejax.models.stacked import StackedModel
 from moejax.sharding.pipeline import StageSplit
 from moejax.sharding.mesh import mesh_shape, sharding_for_axes
-from moejax.sharding.rules import EXPERT, TENSOR, experts_over
+from moejax.sharding.rules import EXPERT, TENSOR, experts_over, spec_axes
 
 logger = logging.getLogger("moejax")
 
@@ -139,7 +139,12 @@ class InFlight:
 class ModelRunner:
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, mesh, *, num_pages: int, page_size: int,
                  kv_dtype, max_model_len: int, buckets: Buckets, matmul_precision: str | None = None,
-                 pool: KVPool | None = None, experts_axis: str = EXPERT, stages: StageSplit | None = None):
+                 pool: KVPool | None = None, experts_axis: str = EXPERT, stages: StageSplit | None = None,
+                 attention_ranks: int = 1):
+        # DP attention (attention_ranks > 1, the expert ranks): each rank its own requests, step inputs and
+        # pages (num_pages each); the step runs inside a shard_map manual over `expert` and the MoE layers
+        # dispatch with all-to-all (sharding/expert_parallel.all_to_all_experts)
+        self.attention_ranks = attention_ranks
         self.experts_axis = experts_axis  # the mesh axis routed experts are split over (rules.experts_over)
         # pipeline stages (stages.pp > 1): each stage's devices hold its layers and their pools
         self.stages = stages if stages is not None and stages.pp > 1 else None
@@ -157,9 +162,15 @@ class ModelRunner:
         self.prefill_block = buckets.prefill_block
         layers = None if self.stages is None else self.stages.pp * self.stages.slots_per_stage
         self.pool = pool if pool is not None else allocate_pool(self.config, mesh, num_pages, page_size, kv_dtype,
-                                                                layers)
+                                                                layers, attention_ranks)
         self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._prev = jax.device_put(np.zeros(buckets.max_sample_rows, np.int32), self._replicated)
+        # per rank under DP attention: the step inputs and the tokens fed back, [ranks, ...] split over `expert`
+        self._by_rank = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(EXPERT)) \
+            if attention_ranks > 1 else self._replicated
+        prev_shape = (attention_ranks, buckets.max_sample_rows) if attention_ranks > 1 else (buckets.max_sample_rows,)
+        self._prev = jax.device_put(np.zeros(prev_shape, np.int32), self._by_rank)
+        # the parameters' splits over `expert` (routed experts), for the DP-attention step's shard_map
+        self._param_specs = jax.tree.map(lambda a: _expert_only(a.sharding.spec), self.params)
         # Per shape, a ring of host buffers: the transfer of a step's input (zero-copy on the CPU backend) may
         # still read its buffer after launch returns; by the time a buffer comes round again the host has read
         # the results of the step that used it.
@@ -182,12 +193,10 @@ class ModelRunner:
 
         # Outputs keep their inputs' shardings, so the pool and the sampled tokens fed back never change a step's
         # compiled variant.
-        out_shardings = (self._replicated, self._replicated, jax.tree.map(lambda a: a.sharding, self.pool))
+        out_shardings = (self._replicated, self._by_rank, jax.tree.map(lambda a: a.sharding, self.pool))
 
-        @functools.partial(jax.jit, donate_argnames=("pool",),
-                           static_argnames=("shape", "count_experts", "routing_fn"), out_shardings=out_shardings)
-        def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape, count_experts: bool = False,
-                 routing_fn=None):
+        def local_step(params, pool: KVPool, packed, prev_sampled, shape: StepShape, count_experts: bool,
+                       routing_fn):
             f = self._unpack(packed, shape)
             tokens_T = jnp.where(f["prev_src"] >= 0, prev_sampled[jnp.maximum(f["prev_src"], 0)], f["tokens"])
             batch = PagedBatch(f["slot_page"], f["slot_offset"], f["decode_pages"], f["prefill_pages"],
@@ -202,7 +211,18 @@ class ModelRunner:
                                          jax.lax.bitcast_convert_type(f["seed"], jnp.uint32), f["step"])
                 tokens_S, logprobs_S, top_lp = sample(logits_SV, sampling, shape.num_logprobs)
             sampled = jnp.zeros(max_rows, jnp.int32).at[: tokens_S.shape[0]].set(tokens_S)
-            return _replicate((tokens_S, logprobs_S, top_lp, counts)), _replicate(sampled), pool
+            return (tokens_S, logprobs_S, top_lp, counts), sampled, pool
+
+        @functools.partial(jax.jit, donate_argnames=("pool",),
+                           static_argnames=("shape", "count_experts", "routing_fn"), out_shardings=out_shardings)
+        def step(params, pool: KVPool, packed, prev_sampled, shape: StepShape, count_experts: bool = False,
+                 routing_fn=None):
+            if self.attention_ranks == 1:
+                results, sampled, pool = local_step(params, pool, packed, prev_sampled, shape, count_experts,
+                                                    routing_fn)
+                return _replicate(results), _replicate(sampled), pool
+            return self._rank_step(local_step, params, pool, packed, prev_sampled, shape, count_experts,
+                                   routing_fn)
 
         @functools.partial(jax.jit, static_argnames=("routing_fn",))
         def forward_logits(params, tokens_T, positions_T, routing_fn=None):
@@ -212,6 +232,32 @@ class ModelRunner:
 
         self.step_fn = step
         self.forward_logits_fn = forward_logits
+
+    def _rank_step(self, local_step, params, pool, packed_RN, prev_RS, shape, count_experts, routing_fn):
+        """DP attention: every rank runs the step on its own row of inputs and its own pages; sampled rows come
+        back rank-major ([ranks * rows]), expert counts summed over the ranks."""
+        P = jax.sharding.PartitionSpec
+        param_specs = self._param_specs
+        pool_specs = jax.tree.map(lambda _: P(None, EXPERT), pool)
+
+        def per_rank(params, pool, packed_1N, prev_1S):
+            results, sampled, pool = local_step(params, pool, packed_1N[0], prev_1S[0], shape, count_experts,
+                                                routing_fn)
+            tokens, logprobs, top, counts = results
+            if counts is not None:
+                counts = jax.lax.psum(counts, EXPERT)
+            ranked = jax.tree.map(lambda x: x[None], (tokens, logprobs, top))
+            return (*ranked, counts), sampled[None], pool
+
+        row_spec = P(EXPERT)
+        top_spec = None if shape.num_logprobs == 0 else (row_spec, row_spec)
+        mapped = jax.shard_map(
+            per_rank, in_specs=(param_specs, pool_specs, row_spec, row_spec),
+            out_specs=((row_spec, row_spec, top_spec, P()), row_spec, pool_specs), axis_names={EXPERT},
+            check_vma=False)
+        (tokens, logprobs, top, counts), sampled, pool = mapped(params, pool, packed_RN, prev_RS)
+        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), (tokens, logprobs, top))
+        return _replicate((*flat, counts)), sampled, pool
 
     # -- inspection ----------------------------------------------------------------------------------------
     @property
@@ -241,33 +287,53 @@ class ModelRunner:
             out[name] = jax.lax.bitcast_convert_type(x, jnp.float32) if name in _FLOAT_FIELDS else x
         return out
 
-    def _buffer(self, shape: StepShape) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The preallocated host buffer of a shape, reset to padding, and writable views of its fields."""
+    def _buffer(self, shape: StepShape) -> tuple[np.ndarray, dict[str, np.ndarray] | list[dict[str, np.ndarray]]]:
+        """The preallocated host buffer of a shape, reset to padding, and writable views of its fields (DP
+        attention: [ranks, size], one dict of views per rank)."""
         lay = layout(shape, self.prefill_block, self.max_pages)
         ring = self._buffers.setdefault(shape, [])
-        buf = np.zeros(lay["_size"][0], np.int32) if len(ring) < _RING else ring.pop(0)
+        dims = (self.attention_ranks, lay["_size"][0]) if self.attention_ranks > 1 else (lay["_size"][0],)
+        buf = np.zeros(dims, np.int32) if len(ring) < _RING else ring.pop(0)
         ring.append(buf)
+        rows = [self._views(row, lay) for row in (buf if buf.ndim == 2 else [buf])]
+        return buf, rows if buf.ndim == 2 else rows[0]
+
+    def _views(self, row: np.ndarray, lay: dict) -> dict[str, np.ndarray]:
         views = {}
         for name, (offset, dims) in lay.items():
             if name != "_size":
-                v = buf[offset: offset + int(np.prod(dims))].reshape(dims)
+                v = row[offset: offset + int(np.prod(dims))].reshape(dims)
                 views[name] = v.view(np.float32) if name in _FLOAT_FIELDS else v
-        buf[:] = 0
+        row[:] = 0
         views["prev_src"][:] = -1
         views["positions"][:] = -1
         views["slot_page"][:] = self.num_pages  # out of range: the write is dropped
         views["top_p"][:] = 1.0
         views["prefill_first"][:] = np.arange(len(views["prefill_first"]))  # padding blocks: chunks of their own
-        return buf, views
+        return views
 
-    def prepare(self, scheduled: ScheduledStep, num_logprobs: int):
-        """Fill the packed input of a schedule; returns (shape, buffer, sample rows)."""
+    def prepare(self, scheduled, num_logprobs: int):
+        """Fill the packed input of a schedule (DP attention: a RankedStep, each rank's own row, all ranks at
+        the shape of the largest); returns (shape, buffer, sample rows: the sequence sampled at each row, rank
+        major)."""
         qb = self.prefill_block
-        slots = sum(-(-c.length // qb) * qb for c in scheduled.prefills)
-        shape = self.buckets.shape(len(scheduled.decodes), slots, num_logprobs)
-        buf, f = self._buffer(shape)
+        steps = scheduled.ranks if self.attention_ranks > 1 else [scheduled]
+        decodes = max(len(s.decodes) for s in steps if s is not None)
+        slots = max(sum(-(-c.length // qb) * qb for c in s.prefills) for s in steps if s is not None)
+        shape = self.buckets.shape(decodes, slots, num_logprobs)
+        buf, views = self._buffer(shape)
+        rows: list = []
+        for step, f in zip(steps, views if self.attention_ranks > 1 else [views]):
+            rows += self._fill(step, shape, f)
+        return shape, buf, rows
+
+    def _fill(self, scheduled: ScheduledStep | None, shape: StepShape, f: dict) -> list:
+        """One (rank's) schedule into its views; returns its sample rows."""
+        qb = self.prefill_block
         d = shape.num_decode
         rows: list = [None] * (d + shape.num_prefill // qb)
+        if scheduled is None:  # an idle rank: all padding
+            return rows
         ps = self.page_size
 
         def place(chunk, first_token, table_row, row):
@@ -303,7 +369,7 @@ class ModelRunner:
                 f["prefill_first"][b] = block
             place(chunk, d + block * qb, f["prefill_pages"][block], d + block)
             block += nblocks
-        return shape, buf, rows
+        return rows
 
     # -- running -------------------------------------------------------------------------------------------
     def _context(self):
@@ -318,7 +384,7 @@ class ModelRunner:
         return shape, self.count_experts, self.routing_fn
 
     def _run(self, shape: StepShape, buf: np.ndarray):
-        packed = jax.device_put(buf, self._replicated)
+        packed = jax.device_put(buf, self._by_rank)
         before = self.compilations() if self.warmed_up else None
         compiled = self._compiled.get(self._static(shape))
         with self._context():
@@ -339,9 +405,10 @@ class ModelRunner:
         for x in (tokens, logprobs, *(top or ()), *(() if counts is None else (counts,))):
             x.copy_to_host_async()
         sampled = []
+        per_rank = len(rows) // self.attention_ranks
         for row, seq in enumerate(rows):
             if seq is not None:
-                seq.sample_row = row
+                seq.sample_row = row % per_rank  # where its rank's next step finds the token (prev_src)
                 sampled.append((row, seq, len(seq.output_ids)))
                 seq.output_ids.append(None)
         return InFlight(scheduled, sampled, tokens, logprobs, top, counts, shape.num_tokens)
@@ -396,7 +463,7 @@ class ModelRunner:
         if self._program_fingerprint is None:
             facts = {"buckets": self.buckets, "page_size": self.page_size, "num_pages": self.num_pages,
                      "max_pages": self.max_pages, "matmul_precision": self.matmul_precision,
-                     "experts_axis": self.experts_axis, "stages": self.stages, "prev": (self._prev.shape, str(self._prev.sharding))}
+                     "experts_axis": self.experts_axis, "stages": self.stages, "attention_ranks": self.attention_ranks, "prev": (self._prev.shape, str(self._prev.sharding))}
             self._program_fingerprint = executable_cache.program_fingerprint(
                 config=self.config, params=self.params, pool=self.pool, mesh=self.mesh, facts=facts)
         return self._program_fingerprint
@@ -406,13 +473,24 @@ class ModelRunner:
             return self.forward_logits_fn(self.params, tokens_T, positions_T, routing_fn=self.routing_fn)
 
 
-def allocate_pool(config, mesh, num_pages: int, page_size: int, kv_dtype, layers: int | None = None) -> KVPool:
-    """layers: the pools' layer slots (pipeline stages: pp * slots per stage, split over `pipeline`)."""
+def allocate_pool(config, mesh, num_pages: int, page_size: int, kv_dtype, layers: int | None = None,
+                  attention_ranks: int = 1) -> KVPool:
+    """layers: the pools' layer slots (pipeline stages: pp * slots per stage, split over `pipeline`).
+    attention_ranks > 1 (DP attention): num_pages for each rank, the pages axis split over `expert`."""
     tensor = mesh_shape(mesh).get(TENSOR, 1) if mesh is not None else 1
-    shape = pool_shape(config, num_pages, page_size, tensor, layers)
-    pool = init_pool(config, num_pages, page_size, kv_dtype, sharding_for_axes(mesh, POOL_AXES, shape), tensor,
-                     layers)
+    pages = num_pages * attention_ranks
+    shape = pool_shape(config, pages, page_size, tensor, layers)
+    sharding = sharding_for_axes(mesh, POOL_AXES, shape)
+    if attention_ranks > 1:
+        spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec[0], EXPERT, *spec[2:]))
+    pool = init_pool(config, pages, page_size, kv_dtype, sharding, tensor, layers)
     return jax.block_until_ready(pool)
+
+
+def _expert_only(spec) -> jax.sharding.PartitionSpec:
+    return jax.sharding.PartitionSpec(
+        *(EXPERT if entry is not None and EXPERT in spec_axes(entry) else None for entry in spec))
 
 
 def _replicate(tree):

@@ -206,3 +206,69 @@ class Scheduler:
             chunk.seq.num_computed = chunk.start + chunk.length
             self.register_full_pages(chunk.seq)
         return ScheduledStep(decodes, prefills)
+
+
+@dataclasses.dataclass
+class RankedStep:
+    """One step of DP attention: each attention rank's own schedule (None: that rank idles this step and runs
+    an empty batch, so that the ranks' collectives line up)."""
+
+    ranks: list[ScheduledStep | None]
+
+    @property
+    def decodes(self) -> list[Chunk]:
+        return [c for s in self.ranks if s is not None for c in s.decodes]
+
+    @property
+    def prefills(self) -> list[Chunk]:
+        return [c for s in self.ranks if s is not None for c in s.prefills]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.ranks if s is not None)
+
+
+class RankedScheduler:
+    """DP attention's scheduler (`enable_dp_attention`): one Scheduler per attention rank, each with its own
+    pages (its shard of the KV pools) and its own batch budget. A new sequence goes to the rank with the fewest
+    sequences and stays there: its cache lives on that rank's device."""
+
+    def __init__(self, pages: list[PageAllocator], **kwargs):
+        self.ranks = [Scheduler(p, **kwargs) for p in pages]
+        self._rank_of: dict[int, int] = {}
+
+    def add(self, seq: Sequence) -> None:
+        load = [len(s.waiting) + len(s.running) for s in self.ranks]
+        rank = load.index(min(load))
+        self._rank_of[seq.seq_id] = rank
+        self.ranks[rank].add(seq)
+
+    def rank_of(self, seq: Sequence) -> int:
+        return self._rank_of[seq.seq_id]
+
+    def has_work(self) -> bool:
+        return any(s.has_work() for s in self.ranks)
+
+    def finish(self, seq: Sequence) -> None:
+        rank = self._rank_of.pop(seq.seq_id, None)
+        if rank is not None:
+            self.ranks[rank].finish(seq)
+
+    def register_full_pages(self, seq: Sequence) -> None:
+        self.ranks[self._rank_of[seq.seq_id]].register_full_pages(seq)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [q for s in self.ranks for q in s.running]
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return [q for s in self.ranks for q in s.waiting]
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.ranks)
+
+    def schedule(self) -> RankedStep | None:
+        steps = [s.schedule() for s in self.ranks]
+        return None if all(s is None for s in steps) else RankedStep(steps)

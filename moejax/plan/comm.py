@@ -10,7 +10,8 @@ layout communicates, per replica step of T tokens with hidden size D (activation
   - today's expert parallelism: every expert rank sees all T tokens and one all-reduce of [T, D] over the ranks
     that split the experts (expert x tensor when the width is split too) combines the routed experts;
   - DP attention with expert parallelism: each expert rank attends over its own T / ep tokens, and a MoE layer
-    sends each of its tokens' k assignments to the rank of the expert and back (two all-to-alls);
+    sends its tokens' k assignments to the ranks of their experts and back (two all-to-alls of dense buffers:
+    a slot for every assignment towards every rank, as the engine runs them);
   - pipeline stages: each stage hands [T, D] to the next, and the last stage's hidden states reach every stage
     (an all-reduce over pp) for the logits.
 Collectives whose ranks span more than one node (devices are numbered pipeline, data, expert, tensor from the
@@ -122,8 +123,10 @@ def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = 
         if moe_here:
             if mesh.dp_attention:
                 k = config.num_experts_per_tok
-                # dispatch and combine: each local token's k rows, the share bound for other ranks
-                per = attn_tokens * k * d * act * (mesh.ep - 1) / mesh.ep
+                # dispatch and combine: the engine's dense all-to-all gives each of a rank's T k assignments a
+                # slot in the buffer bound for every rank (no token dropped, whatever the routing), and sends
+                # the ep - 1 buffers bound for other ranks
+                per = attn_tokens * k * d * act * (mesh.ep - 1)
                 add(out, "all_to_all", ("ep",), per, 2 * moe_here)
             else:
                 # the routed experts' partial outputs, over the ranks that split them (ep, and tp: their width,
@@ -214,7 +217,7 @@ def _divisors(n: int) -> list[int]:
 def candidate_meshes(config: ModelConfig, devices: int, max_tp: int = NODE_DEVICES) -> list[Mesh]:
     """Every layout of exactly `devices` devices the engine's rules allow: tp dividing the attention heads
     (at most `max_tp`, a node), ep dividing the experts (models with MoE layers), pp at most the layers; experts
-    over tp when ep is 1; DP attention when ep >= 2 and tp is 1."""
+    over tp when ep is 1; DP attention when ep >= 2 is all there is (tp, dp and pp 1)."""
     moe = config.num_moe_layers > 0 and config.num_experts > 0
     divisors = _divisors(devices)
     meshes = []
@@ -229,8 +232,8 @@ def candidate_meshes(config: ModelConfig, devices: int, max_tp: int = NODE_DEVIC
         meshes.append(Mesh(tp, ep, dp, pp=pp))
         if moe and tp > 1 and ep == 1 and config.num_experts % tp == 0:
             meshes.append(Mesh(tp, 1, dp, expert_over_tp=True, pp=pp))
-        if ep > 1 and tp == 1:
-            meshes.append(Mesh(1, ep, dp, pp=pp, dp_attention=True))
+        if ep > 1 and tp == 1 and dp == 1 and pp == 1:
+            meshes.append(Mesh(1, ep, dp_attention=True))
     return meshes
 
 

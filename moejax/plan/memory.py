@@ -281,6 +281,9 @@ def check_divisible(config: ModelConfig, mesh: Mesh) -> None:
         raise ValueError(f"enable_dp_attention splits attention's requests over the expert-parallel ranks: it "
                          f"needs expert_parallel_size >= 2 and tensor_parallel_size 1 (got ep={mesh.ep}, "
                          f"tp={mesh.tp})")
+    if mesh.dp_attention and (mesh.pp > 1 or mesh.dp > 1):
+        raise ValueError(f"enable_dp_attention splits the requests over the expert ranks: "
+                         f"pipeline_parallel_size and data_parallel_size must be 1 (got pp={mesh.pp}, dp={mesh.dp})")
     if config.num_experts % mesh.ep:
         raise ValueError(f"expert_parallel_size={mesh.ep} does not divide num_experts={config.num_experts}")
     if config.num_heads % mesh.tp:

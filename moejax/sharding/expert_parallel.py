@@ -41,6 +41,8 @@ def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activat
     """`kernels.experts`, dispatched over the mesh in context when experts are sharded."""
     mesh = jax.sharding.get_abstract_mesh()
     shape = _mesh_shape(mesh)
+    if EXPERT in set(getattr(mesh, "manual_axes", ())) and shape.get(EXPERT, 1) > 1:
+        return all_to_all_experts(x_TD, weights_TK, ids_TK, params, activation)
     if shape.get(EXPERT, 1) * shape.get(TENSOR, 1) == 1:
         return kernels.experts(x_TD, weights_TK, ids_TK, params, activation)
 
@@ -84,6 +86,36 @@ def moe_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activat
         check_vma=False,
     )
     return mapped(x_TD, weights_TK, ids_TK, layer, *arrays)
+
+
+def all_to_all_experts(x_TD, weights_TK, ids_TK, params: kernels.ExpertWeights, activation: kernels.Activation,
+                       axis: str = EXPERT):
+    """DP attention's dispatch, inside a shard_map manual over `axis`: this rank's own tokens go to the ranks
+    holding their experts with one all-to-all and come back computed with a second; none is dropped.
+
+    Each of the T * k assignments has a slot in the buffer bound for every rank, filled only in the one for the
+    rank of its expert (a dense all-to-all that any backend runs; jax's ragged_all_to_all would send only the
+    filled rows, but XLA:CPU does not run it). A rank computes the rows it receives for its E / ranks experts
+    (unit weights; the rest skipped in the grouped matmul) and the source applies the routing weights."""
+    ranks = jax.lax.axis_size(axis)
+    local = params.w_gate.shape[0]  # this rank's experts
+    t, k = ids_TK.shape
+    c = t * k
+    ids_C = ids_TK.reshape(c)
+    rank_C = ids_C // local
+    mine_RC = rank_C[None, :] == jnp.arange(ranks)[:, None]
+    # [ranks, C, D]: assignment a's token row in the buffer of its expert's rank, zeros elsewhere
+    rows_CD = jnp.repeat(x_TD, k, axis=0)
+    send_RCD = jnp.where(mine_RC[..., None], rows_CD[None], jnp.zeros((), x_TD.dtype))
+    send_ids_RC = jnp.where(mine_RC, (ids_C % local)[None, :], -1)
+    recv_RCD = jax.lax.all_to_all(send_RCD, axis, 0, 0)
+    recv_ids_RC = jax.lax.all_to_all(send_ids_RC, axis, 0, 0)
+    y_ND = kernels.experts(recv_RCD.reshape(ranks * c, -1), jnp.ones((ranks * c, 1), x_TD.dtype),
+                           recv_ids_RC.reshape(ranks * c, 1), params, activation)
+    back_RCD = jax.lax.all_to_all(y_ND.reshape(ranks, c, -1), axis, 0, 0)
+    # only the slot from the expert's rank is filled: the sum over ranks picks it
+    out_TKD = jnp.sum(back_RCD.astype(jnp.float32), axis=0).reshape(t, k, -1)
+    return jnp.sum(weights_TK.astype(jnp.float32)[..., None] * out_TKD, axis=1).astype(x_TD.dtype)
 
 
 def _bias_term(weights_TK, ids_TK, b_down_ED, dtype):

@@ -41,7 +41,7 @@ def test_dp_attention_dispatches_with_all_to_all_and_no_all_reduce():
     got = _by_kind(step_collectives(c, Mesh(ep=ep, dp_attention=True), tokens))
     assert set(got) == {"all_to_all"}
     per_rank = tokens / ep
-    want = per_rank * c.num_experts_per_tok * c.hidden_size * 2 * (ep - 1) / ep
+    want = per_rank * c.num_experts_per_tok * c.hidden_size * 2 * (ep - 1)  # dense buffers, as the engine sends
     assert got["all_to_all"].bytes_per_device == pytest.approx(want)
     assert got["all_to_all"].count == 2 * c.num_moe_layers  # dispatch and combine
     # today's EP instead replicates the tokens and all-reduces [T, D] over the expert ranks once per MoE layer
@@ -102,14 +102,18 @@ def test_candidates_respect_the_engine_rules():
     assert len(set(meshes)) == len(meshes)
 
 
-def test_deepseek_on_16_gpus_ranks_dp_attention_with_ep_first():
+def test_deepseek_on_16_gpus_dp_attention_holds_the_most_tokens_and_pays_its_dense_all_to_all():
     ranked, left_out = rank_layouts(_config("deepseek-v3"), 16, batch=256, context=2048, dtype="fp8",
                                     device_memory_bytes=80 * GIB, max_model_len=8192)
-    assert ranked[0].mesh == Mesh(ep=16, dp_attention=True)
     assert left_out.get(NOT_IN_MEMORY, 0) > 0  # e.g. every layout with a whole replica per 80 GB GPU
     # MLA's one latent is replicated by tensor parallelism: DP attention holds far more tokens than TP8 x EP2
+    dpa = next(e for e in ranked if e.mesh == Mesh(ep=16, dp_attention=True))
     tp8 = next(e for e in ranked if e.mesh == Mesh(tp=8, ep=2))
-    assert ranked[0].plan.kv_cache_tokens > 4 * tp8.plan.kv_cache_tokens
+    assert dpa.plan.kv_cache_tokens > 4 * tp8.plan.kv_cache_tokens
+    # but the engine's all-to-all sends dense buffers (a slot per assignment towards each of the 15 other
+    # ranks), more bytes than TP8 x EP2's all-reduces: ranked below it until a ragged all-to-all replaces them
+    assert dpa.comm_bytes_per_device > tp8.comm_bytes_per_device
+    assert ranked.index(tp8) < ranked.index(dpa)
 
 
 def test_ranking_follows_the_node_size_and_the_batch():

@@ -15,10 +15,12 @@ def main(model: str, out: str, layout: str = "ep8") -> None:
 
     import jax
 
-    # ep8: the experts over both processes; pp2_ep4: a pipeline stage a process (activations cross processes)
+    # ep8: the experts over both processes; pp2_ep4: a pipeline stage a process (activations cross processes);
+    # dpa_ep8: DP attention, each of the 8 expert ranks its own requests (tokens cross processes by all-to-all)
     sizes = {"ep8": dict(expert_parallel_size=8),
              "pp2_ep4": dict(pipeline_parallel_size=2, expert_parallel_size=4, max_num_batched_tokens=32,
-                             page_size=4)}[layout]
+                             page_size=4),
+             "dpa_ep8": dict(expert_parallel_size=8, enable_dp_attention=True)}[layout]
     llm = LLM(model, **sizes)
     assert len(jax.devices()) == 8 and len(jax.local_devices()) == 4
     prompts = [[5, 9, 11, 40, 3], [7, 7, 8]]

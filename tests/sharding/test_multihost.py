@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("layout", ["ep8", "pp2_ep4"])
+@pytest.mark.parametrize("layout", ["ep8", "pp2_ep4", "dpa_ep8"])
 def test_two_processes_reproduce_one(hf_model_dir, tmp_path, layout):
     model = hf_model_dir("qwen2_moe")
     port = free_port()

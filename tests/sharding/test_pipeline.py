@@ -17,10 +17,11 @@ from tests.sharding.conftest import GREEDY, PROMPT
 # Small steps and pages: prefill chunks cross micro-batches and pages, decodes split into two micro-batches.
 SMALL_STEPS = dict(max_num_batched_tokens=32, page_size=4)
 LAYOUTS = {"pp2": (2, 1, 1), "tp4_pp2": (2, 4, 1), "pp2_ep4": (2, 1, 4)}
-# Every family in a pipeline, DeepSeek (MLA, dense and MoE runs) in all three layouts (CI time is kept under 20
-# minutes: the other families take one layout each).
-CASES = [("mixtral", "tp4_pp2"), ("qwen2_moe", "pp2"), ("qwen3_moe", "pp2_ep4"), ("olmoe", "pp2"),
-         ("gpt_oss", "pp2"), ("deepseek", "pp2"), ("deepseek", "tp4_pp2"), ("deepseek", "pp2_ep4")]
+# Each layout, DeepSeek (MLA, dense and MoE runs) in two of them, the other families in one (CI time is kept
+# under 20 minutes; OLMoE's layers are built as Qwen3-MoE's, and DeepSeek at tp4 x pp2 compiles in the test
+# after this one).
+CASES = [("mixtral", "tp4_pp2"), ("qwen2_moe", "pp2"), ("qwen3_moe", "pp2_ep4"), ("gpt_oss", "pp2"),
+         ("deepseek", "pp2"), ("deepseek", "pp2_ep4")]
 # For the families built here: a 22-token prompt is one chunk of two prefill blocks, which the step's two
 # micro-batches split (the second half attends to the first through the pages).
 OWN_PROMPTS = [PROMPT[1:23], PROMPT[:9]]
