@@ -144,3 +144,25 @@ def test_bench_moejax_end_to_end(tmp_path, capsys, monkeypatch):
     assert _row(data, "start-up warm cache")["moejax"] > 0
     assert data["rooflines"]["hbm_bytes_per_s"] > 0 and data["bounds"]["throughput"]["output_tokens_per_s"] > 0
     assert "transformers generate" in text and data["transformers_generate"]["skipped"] == "--no-peer"
+
+
+def test_bench_layout_flags_reach_the_engine_and_the_header(monkeypatch):
+    """--tp/--ep/--pp go to the engine's LLM arguments (checked here, not run: the layouts run on the GPU
+    machine), the header names the layout and says the rooflines are one device's; bad sizes are refused."""
+    import argparse
+
+    from moejax.bench import generate as G
+
+    p = argparse.ArgumentParser()
+    G.add_arguments(p)
+    args = p.parse_args(["--pp", "2", "--ep", "2"])
+    args.config = CONFIG
+    with pytest.raises(ValueError, match="--tp must be positive"):
+        G._check(p.parse_args(["--tp", "0"]))
+    results = {"model": {"architectures": ["X"], "layers": 2, "params": 1e9, "active_params": 1e8},
+               "settings": {"llm": {"max_model_len": 64, "max_num_seqs": 4, "pipeline_parallel_size": 2,
+                                    "expert_parallel_size": 2}}}
+    text = G.header(results)
+    assert "moejax layout: ep2 x pp2; the rooflines and the peer are one device's" in text
+    assert G.layout_kwargs(args) == {"pipeline_parallel_size": 2, "expert_parallel_size": 2}
+    assert G.layout_kwargs(p.parse_args([])) == {}

@@ -75,6 +75,14 @@ def add_arguments(p) -> None:
     g.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds before a worker is killed")
 
 
+def layout_kwargs(args) -> dict:
+    """The engine's parallel layout from --tp/--ep/--pp/--enable-expert-parallel, defaults left out (the
+    rooflines stay those of one device: run the bench without a layout for the baseline)."""
+    layout = {"tensor_parallel_size": args.tp, "expert_parallel_size": args.ep, "pipeline_parallel_size": args.pp,
+              "enable_expert_parallel": args.enable_expert_parallel}
+    return {k: v for k, v in layout.items() if v not in (1, False)}
+
+
 def _check(args) -> None:
     for name in ("prompt_len", "steps", "repeats", "prefill_len", "requests", "max_num_seqs", "matmul_n", "tp", "ep",
                  "pp"):
@@ -196,10 +204,7 @@ def bench_generate(args) -> int:
     llm_kwargs = {"max_model_len": args.max_model_len or _max_model_len(args), "max_num_seqs": args.max_num_seqs,
                   "kv_cache_tokens": args.kv_cache_tokens, "max_num_batched_tokens": args.max_num_batched_tokens,
                   "gpu_memory_utilization": args.gpu_memory_utilization, "quantization": args.quantization}
-    # a parallel layout (the rooflines stay those of one device: run the bench without it for the baseline)
-    layout = {"tensor_parallel_size": args.tp, "expert_parallel_size": args.ep, "pipeline_parallel_size": args.pp,
-              "enable_expert_parallel": args.enable_expert_parallel}
-    llm_kwargs.update({k: v for k, v in layout.items() if v not in (1, False)})
+    llm_kwargs.update(layout_kwargs(args))
     results = {
         "model": {"config": os.path.abspath(args.config), "architectures": hf.get("architectures"),
                   "layers": config.num_layers, "params": counts.total, "active_params": counts.active},

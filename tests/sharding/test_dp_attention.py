@@ -104,3 +104,25 @@ def test_bad_dp_attention_layouts(model_dir):
         LLM(path, expert_parallel_size=2, enable_dp_attention="yes")
     with pytest.raises(ValueError, match="pipeline_parallel_size and data_parallel_size must be 1"):
         LLM(path, expert_parallel_size=2, pipeline_parallel_size=2, enable_dp_attention=True)
+
+
+def test_planned_all_to_all_bytes_are_what_the_compiled_step_moves(model_dir):
+    """The planner's DP-attention dispatch and combine (plan/comm.py) against the compiled decode step of
+    DeepSeek at ep8: the float32 all-to-alls' bytes bound for other ranks, summed over the MoE layers' loop."""
+    from moejax.plan.comm import step_collectives
+    from moejax.plan.memory import Mesh
+    from tests.sharding.hlo_collectives import collective_bytes
+
+    ranks, decodes = 8, 4
+    llm = LLM(model_dir("deepseek"), expert_parallel_size=ranks, enable_dp_attention=True, dtype="float32",
+              **SMALL_STEPS)
+    runner = llm.runner
+    shape = StepShape(decodes, 0)
+    buf, _ = runner._buffer(shape)
+    with runner._context():
+        hlo = runner.step_fn.lower(runner.params, runner.pool, buf, runner._prev, shape).compile().as_text()
+    moved, runs = collective_bytes(hlo, "all-to-all", "f32")
+    (planned,) = [c for c in step_collectives(llm.config, Mesh(ep=ranks, dp_attention=True), ranks * decodes,
+                                              "float32") if c.kind == "all_to_all"]
+    assert runs == planned.count == 2 * llm.config.num_moe_layers
+    assert moved * (ranks - 1) / ranks == pytest.approx(planned.bytes_per_device * planned.count)
