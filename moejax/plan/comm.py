@@ -78,6 +78,14 @@ def _group_link(mesh: Mesh, axes: tuple[str, ...], links: Links) -> str:
     return "intra" if span <= links.node_devices else "inter"
 
 
+def _product(mesh: Mesh, axes: tuple[str, ...]) -> int:
+    sizes = {"pp": mesh.pp, "dp": mesh.dp, "ep": mesh.ep, "tp": mesh.tp}
+    n = 1
+    for a in axes:
+        n *= sizes[a]
+    return n
+
+
 def _all_reduce(nbytes: float, ranks: int) -> float:
     return 2 * (ranks - 1) / ranks * nbytes if ranks > 1 else 0.0
 
@@ -98,6 +106,11 @@ def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = 
     attn_tokens = tokens / mesh.ep if mesh.dp_attention else tokens
     tp_row = attn_tokens * d * act
     stages = stage_layers(config, mesh.pp)
+    # the vocabulary is split over pp x tp where it divides (the outer axis dropped first, as the rules do)
+    vocab_axes = tuple(a for a, n in (("pp", mesh.pp), ("tp", mesh.tp)) if n > 1)
+    while vocab_axes and config.vocab_size % _product(mesh, vocab_axes):
+        vocab_axes = vocab_axes[1:]
+    vocab_ranks = _product(mesh, vocab_axes)
     per_stage = []
     for s, layers in enumerate(stages):
         out = []
@@ -105,15 +118,14 @@ def step_collectives(config: ModelConfig, mesh: Mesh, tokens: int, dtype: str = 
         dense_here = len(layers) - moe_here
         if mesh.tp > 1:
             shared = 1 if config.shared_expert_intermediate_size else 0
-            # attention out per layer, the dense MLP's out, the shared expert's out; the embedding's (pp 1)
-            count = len(layers) + dense_here + shared * moe_here + (mesh.pp == 1)
+            # attention out per layer, the dense MLP's out, the shared expert's out; the embedding's when the
+            # vocabulary is split over tp alone
+            count = len(layers) + dense_here + shared * moe_here + (vocab_axes == ("tp",))
             add(out, "tp_all_reduce", ("tp",), _all_reduce(tp_row, mesh.tp), count)
-        vocab_axes = tuple(a for a, n in (("pp", mesh.pp), ("tp", mesh.tp)) if n > 1)
-        vocab_ranks = mesh.pp * mesh.tp
         if vocab_ranks > 1:
-            # the vocabulary is split over pp x tp on every stage: the embedding's all-reduce (pp > 1; at pp 1
+            # the vocabulary is split (over pp x tp on every stage): the embedding's all-reduce (over tp alone
             # it is one of the tp all-reduces above) and the all-gather of the logits
-            if mesh.pp > 1:
+            if vocab_axes != ("tp",):
                 add(out, "vocab_all_reduce", vocab_axes, _all_reduce(row, vocab_ranks), 1)
             if mesh.pp > 1 or s == len(stages) - 1:
                 logits = tokens * config.vocab_size * 4
