@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,10 @@ def supported(head_dim: int, value_dim: int, page_size: int) -> bool:
 
 
 def default_tiles(head_dim: int, itemsize: int = 2) -> DecodeTiles:
+    override = os.environ.get("MOEJAX_DECODE_TILES")  # "block_tokens,block_h,num_warps,num_stages" (tuning)
+    if override:
+        bt, bh, nw, ns = (int(x) for x in override.split(","))
+        return DecodeTiles(block_tokens=bt, block_h=bh, num_warps=nw, num_stages=ns)
     if head_dim > 256 and itemsize > 2:  # float32 MLA: one stage of 32 keys fits the 227 KB of shared memory
         return DecodeTiles(block_tokens=32, block_h=32, num_warps=8, num_stages=1)
     if head_dim > 256:  # MLA's 576-wide latent: smaller key blocks keep the tiles in registers
@@ -81,16 +86,17 @@ def _decode_kernel(window_ref, pos_ref, pages_ref, q_ref, k_ref, *refs, scale, s
     heads = pl.ds(h0, block_h)
     qs = [q_ref[n, kvh, heads, pl.ds(d0, size)] for d0, size in k_parts]
     dims = (((1,), (1,)), ((), ()))
+    v_in_k = not separate_v and k_parts[0] == (0, value_dim)
 
     def body(i, carry):
         m, l, acc = carry
         p0 = lo + i * pages_per_block
         ids = pages_ref[n, pl.ds(p0, pages_per_block)]
         # [block_h, tokens] scores, summed over the pow2 pieces of the head dim
-        sc = None
+        sc, pieces = None, []
         for q, (d0, size) in zip(qs, k_parts):
-            k = k_ref[ids, :, kvh, pl.ds(d0, size)].reshape(tokens, size).astype(q.dtype)
-            part = jax.lax.dot_general(q, k, dims, precision=precision, preferred_element_type=jnp.float32)
+            pieces.append(k_ref[ids, :, kvh, pl.ds(d0, size)].reshape(tokens, size).astype(q.dtype))
+            part = jax.lax.dot_general(q, pieces[-1], dims, precision=precision, preferred_element_type=jnp.float32)
             sc = part if sc is None else sc + part
         tok = p0 * page_size + jnp.arange(tokens)
         seen = (tok < pos) & (tok >= first_tok) & (tok < hi * page_size)
@@ -98,7 +104,10 @@ def _decode_kernel(window_ref, pos_ref, pages_ref, q_ref, k_ref, *refs, scale, s
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         p = jnp.exp(sc - m_new[:, None])
         correction = jnp.exp(m - m_new)
-        v = v_ref[ids, :, kvh, pl.ds(0, value_dim)].reshape(tokens, value_dim).astype(qs[0].dtype)
+        if v_in_k:  # MLA: the values are the latent's first value_dim features, the key tile's first piece
+            v = pieces[0]
+        else:
+            v = v_ref[ids, :, kvh, pl.ds(0, value_dim)].reshape(tokens, value_dim).astype(qs[0].dtype)
         pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
         return m_new, l * correction + jnp.sum(p, axis=1), acc * correction[:, None] + pv

@@ -26,6 +26,12 @@ from jax.experimental import pallas as pl
 from moejax.kernels.attention_reference import _FLOOR, NO_WINDOW
 from moejax.kernels.pallas_paged_attention import _pow2_parts
 
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+
+
+def _cdiv(a, b):
+    return -((-a) // b)
+
 
 @dataclasses.dataclass(frozen=True)
 class PrefillTiles:
@@ -84,64 +90,91 @@ def _prefill_kernel(window_ref, cached_ref, first_ref, rowpos_ref, keypos_ref, p
     qs = [q_ref[n, kvh, rows, pl.ds(d0, size)] for d0, size in k_parts]
     dims = (((1,), (1,)), ((), ()))
 
-    def scores(keys):  # keys(d0, size) -> [tokens, size]; returns [block_m, tokens] scores in float32
-        sc = None
-        for q, (d0, size) in zip(qs, k_parts):
-            part = jax.lax.dot_general(q, keys(d0, size).astype(q.dtype), dims, precision=precision,
-                                       preferred_element_type=jnp.float32)
-            sc = part if sc is None else sc + part
-        return sc * scale
+    # MLA's values are the latent's first value_dim features: the key tile's first piece, loaded once.
+    v_in_k = not separate_v and k_parts[0] == (0, value_dim)
 
-    def update(carry, sc, seen, v):
+    def scores(keys):  # keys(d0, size) -> [tokens, size]; returns ([block_m, tokens] log2-unit scores, pieces)
+        sc, pieces = None, []
+        for q, (d0, size) in zip(qs, k_parts):
+            pieces.append(keys(d0, size).astype(q.dtype))
+            part = jax.lax.dot_general(q, pieces[-1], dims, precision=precision, preferred_element_type=jnp.float32)
+            sc = part if sc is None else sc + part
+        return sc * (scale * _LOG2E), pieces  # exp2 of log2-scaled scores: the multiply folded into the scale
+
+    def update(carry, sc, seen, v):  # seen None: a tile every row sees whole, no mask to build or apply
         m, l, acc = carry
-        sc = jnp.where(seen, sc, -jnp.inf)
+        if seen is not None:
+            sc = jnp.where(seen, sc, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-        p = jnp.exp(sc - m_new[:, None])
-        correction = jnp.exp(m - m_new)
+        p = jnp.exp2(sc - m_new[:, None])
+        correction = jnp.exp2(m - m_new)
         v = v.astype(qs[0].dtype)  # FP8 pages are upcast; p never goes below the query's precision
         pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)
         return m_new, l * correction + jnp.sum(p, axis=1), acc * correction[:, None] + pv
 
+    def three_loops(steps, lead, full_end, step, carry):
+        """Tiles [0, lead) and [full_end, steps) masked, the ones between seen whole by every real row."""
+        lead = jnp.clip(lead, 0, steps)
+        full_end = jnp.clip(full_end, lead, steps)
+        carry = jax.lax.fori_loop(0, lead, functools.partial(step, masked=True), carry)
+        carry = jax.lax.fori_loop(lead, full_end, functools.partial(step, masked=False), carry)
+        return jax.lax.fori_loop(full_end, steps, functools.partial(step, masked=True), carry)
+
+    real = lowest < NO_WINDOW  # any real query in this program's rows (padding rows come last)
+    highest = jnp.max(qpos)
     # 1. Cached pages, from the one holding the earliest key a window reaches to the end of the cache.
     first_page = jnp.maximum(lowest - window + 1, 0) // page_size
     end_page = (cached + page_size - 1) // page_size
-    cache_steps = (jnp.maximum(end_page - first_page, 0) + pages_per_block - 1) // pages_per_block
+    cache_steps = jnp.where(real, (jnp.maximum(end_page - first_page, 0) + pages_per_block - 1) // pages_per_block, 0)
+    cache_first = first_page * page_size  # the first token of cache tile i is cache_first + i * cache_tokens
 
-    def cache_step(i, carry):
+    def cache_step(i, carry, masked):
         p0 = first_page + i * pages_per_block
         ids = pages_ref[n, pl.ds(p0, pages_per_block)]
-        tok = p0 * page_size + jnp.arange(cache_tokens)
-        sc = scores(lambda d0, size: k_ref[ids, :, kvh, pl.ds(d0, size)].reshape(cache_tokens, size))
-        seen = (tok[None, :] < cached) & (tok[None, :] > qpos[:, None] - window) & (qpos[:, None] >= 0)
-        v = v_ref[ids, :, kvh, pl.ds(0, value_dim)].reshape(cache_tokens, value_dim)
+        sc, pieces = scores(lambda d0, size: k_ref[ids, :, kvh, pl.ds(d0, size)].reshape(cache_tokens, size))
+        seen = None
+        if masked:
+            tok = p0 * page_size + jnp.arange(cache_tokens)
+            seen = (tok[None, :] < cached) & (tok[None, :] > qpos[:, None] - window) & (qpos[:, None] >= 0)
+        v = pieces[0] if v_in_k else v_ref[ids, :, kvh, pl.ds(0, value_dim)].reshape(cache_tokens, value_dim)
         return update(carry, sc, seen, v)
 
     if has_sinks:  # the sink is one more logit of the softmax: start the running max and sum from it
-        m0 = sinks_ref[kvh, rows]
+        m0 = sinks_ref[kvh, rows] * _LOG2E
         l0 = jnp.ones((block_m,), jnp.float32)
     else:
         m0 = jnp.full((block_m,), _FLOOR, jnp.float32)
         l0 = jnp.zeros((block_m,), jnp.float32)
-    carry = jax.lax.fori_loop(0, cache_steps, cache_step, (m0, l0, jnp.zeros((block_m, value_dim), jnp.float32)))
+    carry = (m0, l0, jnp.zeros((block_m, value_dim), jnp.float32))
+    # A cache tile is whole when its first token is inside every row's window and its last one is cached.
+    carry = three_loops(cache_steps, _cdiv(highest - window + 1 - cache_first, cache_tokens),
+                        (cached - cache_first) // cache_tokens, cache_step, carry)
 
     # 2. The chunk's own keys: flat tokens from the earliest one the window reaches (the chunk's tokens are
     # consecutive positions from `cached` on) to this program's last query.
     start = first_ref[n] * qb + jnp.maximum(lowest - window + 1 - cached, 0)
+    start_pos = cached + start - first_ref[n] * qb  # the position of flat token `start`
     last_query = ((j + 1) * block_m - 1) // group  # rows are (query, head): the query of the last row
     end = n * qb + last_query + 1
-    own_steps = jnp.where(lowest < NO_WINDOW, (end - start + own_tokens - 1) // own_tokens, 0)
+    own_steps = jnp.where(real, (end - start + own_tokens - 1) // own_tokens, 0)
 
-    def own_step(i, carry):
+    def own_step(i, carry, masked):
         t0 = start + i * own_tokens
         toks = pl.ds(t0, own_tokens)
-        kpos = jnp.where(t0 + jnp.arange(own_tokens) < end, keypos_ref[toks], -1)  # past end: another chunk's
-        sc = scores(lambda d0, size: kn_ref[toks, kvh, pl.ds(d0, size)])
-        seen = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & \
-            (kpos[None, :] >= 0) & (qpos[:, None] >= 0)
-        return update(carry, sc, seen, vn_ref[toks, kvh, pl.ds(0, value_dim)])
+        sc, pieces = scores(lambda d0, size: kn_ref[toks, kvh, pl.ds(d0, size)])
+        seen = None
+        if masked:
+            kpos = jnp.where(t0 + jnp.arange(own_tokens) < end, keypos_ref[toks], -1)  # past end: another chunk's
+            seen = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window) & \
+                (kpos[None, :] >= 0) & (qpos[:, None] >= 0)
+        return update(carry, sc, seen, pieces[0] if v_in_k else vn_ref[toks, kvh, pl.ds(0, value_dim)])
 
-    _, l, acc = jax.lax.fori_loop(0, own_steps, own_step, carry)
+    # An own tile is whole when its first key is inside every row's window and its last is at or before the
+    # earliest query (causal for every row).
+    carry = three_loops(own_steps, _cdiv(highest - window + 1 - start_pos, own_tokens),
+                        (lowest + 1 - start_pos) // own_tokens, own_step, carry)
+    _, l, acc = carry
     out = acc / jnp.maximum(l, 1e-30)[:, None]
     o_ref[...] = jnp.where((qpos >= 0)[:, None], out, 0.0).astype(o_ref.dtype)
 

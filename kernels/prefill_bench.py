@@ -74,8 +74,8 @@ class PrefillProblem:
                 [(jnp.int32(r), q[r]) for r in range(REPS)])
         return jax.jit(run), (self.q, self.k_pool, self.v_pool)
 
-    def moejax(self):
-        return self._paged(paged_prefill, interpret=self.interpret)
+    def moejax(self, tiles=None):
+        return self._paged(paged_prefill, interpret=self.interpret, tiles=tiles)
 
     def reference(self):
         return self._paged(reference)

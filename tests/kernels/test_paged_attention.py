@@ -114,7 +114,7 @@ def test_paged_attention_matches_dense(window, sinks, mla, qb, chunk_pages, stat
     assert np.all(out[q_pos < 0] == 0)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "window_sinks", "mla", "mha", "fp8", "bf16", "tiles"])
+@pytest.mark.parametrize("variant", ["gqa", "window_sinks", "mla", "mha", "fp8", "bf16", "tiles", "tiles_window"])
 def test_pallas_prefill_matches_dense(variant):
     """The prefill-chunk kernel (interpreted here; compiled in tests/test_gpu.py) on the same chunks: whole
     prompts, chunks after a cached prefix, one-token chunks, a padding block, shuffled pages."""
@@ -131,6 +131,10 @@ def test_pallas_prefill_matches_dense(variant):
         shape.update(kv_heads=4)
     if variant == "tiles":  # several row blocks per block, cache tiles of one page, own-key tiles of 16
         shape.update(heads=8, page_size=8)
+        tiles = PrefillTiles(block_m=16, block_tokens=8)
+    if variant == "tiles_window":  # windows of 20-22 over tiles of 8 cached / 16 own keys: each loop of the
+        # kernel runs (tiles cut by the window's edge, whole tiles, the causal / cache-end tiles)
+        shape.update(window=int(rng.integers(20, 23)), sinks=True)
         tiles = PrefillTiles(block_m=16, block_tokens=8)
     if variant == "bf16":
         shape.update(dtype=jnp.bfloat16)
