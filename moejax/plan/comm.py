@@ -12,8 +12,8 @@ layout communicates, per replica step of T tokens with hidden size D (activation
   - DP attention with expert parallelism: each expert rank attends over its own T / ep tokens, and a MoE layer
     sends its tokens' k assignments to the ranks of their experts and back (two all-to-alls of dense buffers:
     a slot for every assignment towards every rank, as the engine runs them);
-  - pipeline stages: each stage hands [T, D] to the next, and the last stage's hidden states reach every stage
-    (an all-reduce over pp) for the logits.
+  - pipeline stages: each stage hands [T, D] to the next in every stage time, and the last stage's hidden
+    states reach every stage for the logits (one all-reduce over pp of every micro-batch's [T, D] per step).
 Collectives whose ranks span more than one node (devices are numbered pipeline, data, expert, tensor from the
 outside in, `node_devices` to a node) run at the inter-node link rate, the others at the intra-node rate.
 
@@ -204,8 +204,13 @@ def estimate(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, links
     sequences = min(batch // mesh.dp, per_rank_kv // context * mesh.request_ranks)  # per replica
     micro = max(sequences / mesh.pp, 1)  # tokens of one micro-batch (the whole step without a pipeline)
     collectives = step_collectives(config, mesh, max(int(round(micro)), 1), plan.dtype, links)
+    # every stage time runs its stage's collectives and hand-off; the last stage's hidden states reach every
+    # stage once per step, all pp micro-batches in one all-reduce (models/pipelined.py)
+    per_stage = [c for c in collectives if c.kind != "pipeline_all_reduce"]
     comm_s = sum(c.bytes_per_device * c.count / links.bytes_per_s(c.link)
-                 + c.count * COLLECTIVE_LATENCY_S[c.link] for c in collectives)
+                 + c.count * COLLECTIVE_LATENCY_S[c.link] for c in per_stage)
+    final_s = sum(mesh.pp * c.bytes_per_device * c.count / links.bytes_per_s(c.link) + COLLECTIVE_LATENCY_S[c.link]
+                  for c in collectives if c.kind == "pipeline_all_reduce")
     weights = dict(plan.weight_bytes_by_kind)
     routed = weights.pop("routed_experts", 0)
     # every token of the micro-batch reaches the experts (replicated, or through the all-to-all)
@@ -215,7 +220,7 @@ def estimate(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, links
     flops = 2 * plan.params.active * micro / (mesh.tp * mesh.ep * mesh.pp)
     stage_s = max(read / (hbm_tbps * 1e12), flops / (matmul_tflops * 1e12)) + comm_s
     # pp micro-batches through pp stages: 2 pp - 1 stage times
-    step_s = stage_s * (2 * mesh.pp - 1)
+    step_s = stage_s * (2 * mesh.pp - 1) + final_s
     fits = plan.fits and sequences >= 1
     return LayoutEstimate(mesh, plan, fits, collectives, sum(c.bytes_per_device * c.count for c in collectives),
                           read, flops, step_s, sequences * mesh.dp / step_s if fits else 0.0, sequences * mesh.dp)

@@ -155,3 +155,30 @@ def test_expert_counts_through_the_stages(model_dir):
     got, got_layers = counts(LLM(model_dir("deepseek"), pipeline_parallel_size=2, **SMALL_STEPS))
     assert list(got_layers) == list(layers) and want.sum() > 0
     np.testing.assert_array_equal(got, want)
+
+
+def test_planned_pipeline_bytes_are_what_the_compiled_step_moves(model_dir):
+    """The planner's pipeline hand-offs and hidden-state all-reduce (plan/comm.py) against DeepSeek's compiled
+    pp2 decode step of 4 sequences (2 micro-batches of 2): a [T, D] collective permute in each of the
+    micro-batches + pp - 1 = 3 stage times (the planner's 2 pp - 1), and one all-reduce of both micro-batches'
+    hidden states (the planner's one per micro-batch, pp of them a step)."""
+    from moejax.engine.runner import StepShape
+    from moejax.plan.comm import step_collectives
+    from moejax.plan.memory import Mesh
+    from tests.sharding.hlo_collectives import collective_bytes
+
+    pp, decodes = 2, 4
+    llm = LLM(model_dir("deepseek"), pipeline_parallel_size=pp, dtype="float32", **SMALL_STEPS)
+    runner, shape = llm.runner, StepShape(decodes, 0)
+    buf, _ = runner._buffer(shape)
+    with runner._context():
+        hlo = runner.step_fn.lower(runner.params, runner.pool, buf, runner._prev, shape).compile().as_text()
+    planned = {c.kind: c for c in step_collectives(llm.config, Mesh(pp=pp), decodes // pp, "float32")}
+    assert set(planned) == {"pipeline_send", "pipeline_all_reduce"}  # 97 tokens of vocabulary: not split
+    sent, sends = collective_bytes(hlo, "collective-permute")
+    send = planned["pipeline_send"]
+    assert sends == send.count * (2 * pp - 1) and sent == send.bytes_per_device * sends
+    reduced, reduces = collective_bytes(hlo, "all-reduce")
+    reduce = planned["pipeline_all_reduce"]
+    assert reduces == 1 and reduced * 2 * (pp - 1) / pp == pytest.approx(reduce.bytes_per_device * pp)
+    assert collective_bytes(hlo, "all-to-all") == (0, 0) and collective_bytes(hlo, "all-gather") == (0, 0)
