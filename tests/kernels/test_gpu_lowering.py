@@ -1,0 +1,68 @@
+"""The paged-attention kernels lower to Triton for CUDA from this CPU machine (`lower(lowering_platforms=
+("cuda",))` runs Pallas' Triton lowering, not Triton's compiler): every op a kernel uses has a Triton rule at the
+shapes the engine runs on the GPU (default tiles), so a kernel edit that would not build there fails CI too.
+The compiled kernels' numbers are checked on the GPU (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from moejax.kernels.attention_reference import NO_WINDOW
+from moejax.kernels.pallas_paged_attention import paged_decode
+from moejax.kernels.pallas_paged_prefill import paged_prefill
+
+# heads, kv heads, head dim, value dim (MLA: values are the latent's first features), window, sinks
+SHAPES = {
+    "qwen3": (32, 4, 128, None, NO_WINDOW, False),
+    "gpt_oss": (64, 8, 64, None, 128, True),
+    "mla": (128, 1, 576, 512, NO_WINDOW, False),
+}
+PAGE, PAGES, LAYERS, QB = 16, 64, 2, 64
+
+
+def _arrays(shape, cache_dtype):
+    h, kvh, d, dv, _, sinks = shape
+    spec = jax.ShapeDtypeStruct
+    pool = spec((LAYERS, 256, PAGE, kvh, d), cache_dtype)
+    v_pool = None if dv else spec((LAYERS, 256, PAGE, kvh, d), cache_dtype)
+    return pool, v_pool, (spec((h,), jnp.float32) if sinks else None)
+
+
+def _lowers(fn, *args):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text or "triton" in text.lower()
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_prefill_kernel_lowers_for_cuda(name, cache_dtype):
+    h, kvh, d, dv, window, _ = SHAPES[name]
+    pool, v_pool, sinks = _arrays(SHAPES[name], cache_dtype)
+    n, spec = 8, jax.ShapeDtypeStruct
+    args = (spec((n, QB, h, d), jnp.bfloat16), spec((n, QB), jnp.int32), spec((n, PAGES), jnp.int32), pool, v_pool,
+            spec((), jnp.int32), spec((n, QB, kvh, d), cache_dtype),
+            None if dv else spec((n, QB, kvh, d), cache_dtype), spec((n,), jnp.int32), sinks)
+
+    def run(q, q_pos, table, k_pool, v_pool, layer, k_new, v_new, first, sinks):
+        return paged_prefill(q, q_pos, table, k_pool, v_pool, layer, k_new, v_new, first, scale=0.1, window=window,
+                             sinks_H=sinks, value_dim=dv)
+
+    _lowers(run, *args)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_decode_kernel_lowers_for_cuda(name, cache_dtype):
+    h, kvh, d, dv, window, _ = SHAPES[name]
+    pool, v_pool, sinks = _arrays(SHAPES[name], cache_dtype)
+    n, spec = 16, jax.ShapeDtypeStruct
+    args = (spec((n, h, d), jnp.bfloat16), spec((n,), jnp.int32), spec((n, PAGES), jnp.int32), pool, v_pool,
+            spec((), jnp.int32), spec((n, kvh, d), cache_dtype), None if dv else spec((n, kvh, d), cache_dtype), sinks)
+
+    def run(q, pos, table, k_pool, v_pool, layer, k_new, v_new, sinks):
+        return paged_decode(q, pos, table, k_pool, v_pool, layer, k_new, v_new, scale=0.1, window=window,
+                            sinks_H=sinks, value_dim=dv)
+
+    _lowers(run, *args)
