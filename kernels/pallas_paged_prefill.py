@@ -9,7 +9,9 @@ with one online softmax:
      starting at the earliest page the sliding window reaches;
   2. the chunk's own keys, this step's, contiguous in the step's flat key array: from the chunk's first token to
      the program's last query only (causal: later tiles are never read).
-GPT-OSS's sink starts the running max and sum. Same contract as `attention_reference.paged_attention` for blocks
+Each source runs as three loops: tiles cut by the window's edge, tiles every row of the program sees whole (no
+mask built or applied), and the causal / cache-end tiles. The softmax runs in exp2 with log2(e) folded into the
+scale. GPT-OSS's sink starts the running max and sum. Same contract as `attention_reference.paged_attention` for blocks
 of more than one query.
 """
 

@@ -41,6 +41,11 @@ def _lowers(fn, *args):
     assert "__gpu$xla.gpu.triton" in text or "triton" in text.lower()
 
 
+def _lowers_attention(kernel, args, sinks, window, value_dim):
+    """kernel(*args) with the sinks traced and the rest of its keywords fixed."""
+    _lowers(lambda sinks, *a: kernel(*a, scale=0.1, window=window, sinks_H=sinks, value_dim=value_dim), sinks, *args)
+
+
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_prefill_kernel_lowers_for_cuda(name, cache_dtype):
@@ -49,13 +54,9 @@ def test_prefill_kernel_lowers_for_cuda(name, cache_dtype):
     n, spec = 8, jax.ShapeDtypeStruct
     args = (spec((n, QB, h, d), jnp.bfloat16), spec((n, QB), jnp.int32), spec((n, PAGES), jnp.int32), pool, v_pool,
             spec((), jnp.int32), spec((n, QB, kvh, d), cache_dtype),
-            None if dv else spec((n, QB, kvh, d), cache_dtype), spec((n,), jnp.int32), sinks)
+            None if dv else spec((n, QB, kvh, d), cache_dtype), spec((n,), jnp.int32))
 
-    def run(q, q_pos, table, k_pool, v_pool, layer, k_new, v_new, first, sinks):
-        return paged_prefill(q, q_pos, table, k_pool, v_pool, layer, k_new, v_new, first, scale=0.1, window=window,
-                             sinks_H=sinks, value_dim=dv)
-
-    _lowers(run, *args)
+    _lowers_attention(paged_prefill, args, sinks, window, dv)
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "fp8"])
@@ -65,13 +66,9 @@ def test_decode_kernel_lowers_for_cuda(name, cache_dtype):
     pool, v_pool, sinks = _arrays(SHAPES[name], cache_dtype)
     n, spec = 16, jax.ShapeDtypeStruct
     args = (spec((n, h, d), jnp.bfloat16), spec((n,), jnp.int32), spec((n, PAGES), jnp.int32), pool, v_pool,
-            spec((), jnp.int32), spec((n, kvh, d), cache_dtype), None if dv else spec((n, kvh, d), cache_dtype), sinks)
+            spec((), jnp.int32), spec((n, kvh, d), cache_dtype), None if dv else spec((n, kvh, d), cache_dtype))
 
-    def run(q, pos, table, k_pool, v_pool, layer, k_new, v_new, sinks):
-        return paged_decode(q, pos, table, k_pool, v_pool, layer, k_new, v_new, scale=0.1, window=window,
-                            sinks_H=sinks, value_dim=dv)
-
-    _lowers(run, *args)
+    _lowers_attention(paged_decode, args, sinks, window, dv)
 
 
 @pytest.mark.parametrize("config, num_experts", [(RoutingConfig(8, "sigmoid", True, 8, 4, 2.5), 256),
